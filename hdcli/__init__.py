@@ -1,0 +1,3 @@
+"""hd - Hybrid Distillation toolkit."""
+
+__version__ = "0.1.0"

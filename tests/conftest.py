@@ -1,0 +1,49 @@
+"""Shared test fixtures: tiny timm ViTs (img 32, patch 4, depth 12, dim 48, 3 heads) and a CLI runner.
+
+Every test runs on the CPU with models and data it makes itself; the real loading paths are used.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=12, num_heads=3)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_vit(arch: str = "vit_base_patch16_224", seed: int = 0, **overrides):
+    """A randomly initialised tiny timm ViT of ``arch``'s family, no classifier, eval mode."""
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    kw = {**TINY, "num_classes": 0, **overrides}
+    return timm.create_model(arch, pretrained=False, **kw).eval()
+
+
+@pytest.fixture
+def make_tiny_vit():
+    return tiny_vit
+
+
+def run_hd(*args: str, env: dict | None = None, cwd: str | Path | None = None, timeout: float = 600):
+    """Run the real ``hd`` CLI in a subprocess (fresh interpreter: env vars like HF_HUB_OFFLINE act
+    as they would for a user). Returns the CompletedProcess with text stdout/stderr."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "hdcli", *args],
+        capture_output=True, text=True, env=full_env, cwd=cwd or REPO, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def hd():
+    return run_hd
