@@ -1,0 +1,137 @@
+"""Keep sets (hdcli.masking) against hand computations and a per-image loop reference of METHOD.md."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hdcli import masking
+from hdcli.errors import HDError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on busy shared cores they slow down ~10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def ref_progressive(hiddens: list[torch.Tensor], r: float) -> list[list[int]]:
+    """METHOD.md literally, one image at a time: cosine to the mean of the kept tokens, drop the most similar."""
+    out = []
+    for img in range(hiddens[0].shape[0]):
+        kept = list(range(hiddens[0].shape[1]))
+        for h in hiddens:
+            hk = h[img, kept].double()
+            m = hk.mean(0)
+            s = [float(hk[j] @ m / (hk[j].norm() * m.norm())) for j in range(len(kept))]
+            n_new = math.floor(len(kept) * (1 - r) + 0.5)
+            least = sorted(range(len(kept)), key=lambda j: s[j])[:n_new]
+            kept = sorted(kept[j] for j in least)
+        out.append(kept)
+    return out
+
+
+def test_counts_follow_the_paper_196_137_96_67():
+    assert [masking.keep_count(196, 0.3, k) for k in range(4)] == [196, 137, 96, 67]
+
+
+def test_tab8_ratios_50_and_90_percent():
+    assert masking.keep_count(196, 0.5, 3) == 25  # 196 -> 98 -> 49 -> 25 (13%)
+    assert masking.keep_count(196, 0.1, 3) == 142  # 196 -> 176 -> 158 -> 142 (72%)
+
+
+def test_one_step_by_hand():
+    # mean (0.25, 0.5); cosines 0.447, 0.894, 0.949, -0.447 -> token 2 is the most similar, then token 1
+    h = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]])
+    keep = masking.all_patches(1, 4)
+    assert masking.drop_redundant(h, keep, 3).tolist() == [[0, 1, 3]]
+    assert masking.drop_redundant(h, keep, 2).tolist() == [[0, 3]]
+
+
+def test_tokens_identical_to_the_mean_are_dropped_first():
+    torch.manual_seed(0)
+    others = torch.randn(7, 16)
+    h = torch.empty(10, 16)
+    copies = [1, 4, 8]
+    rest = [i for i in range(10) if i not in copies]
+    h[rest] = others
+    h[copies] = others.mean(0)  # the mean of all ten tokens is still the mean of the seven
+    keep = masking.progressive_keep([h[None]], 0.3)  # 10 -> 7
+    assert keep.tolist() == [rest]
+
+
+def test_progressive_equals_the_loop_reference():
+    torch.manual_seed(1)
+    hiddens = [torch.randn(3, 196, 16) for _ in range(3)]
+    keep = masking.progressive_keep(hiddens, 0.3)
+    assert keep.tolist() == ref_progressive(hiddens, 0.3)
+
+
+def test_second_step_uses_only_the_kept_tokens():
+    torch.manual_seed(2)
+    hiddens = [torch.randn(2, 50, 8), torch.randn(2, 50, 8)]
+    keep = masking.progressive_keep(hiddens, 0.3)
+    first = masking.drop_redundant(hiddens[0], masking.all_patches(2, 50), 35)
+    assert keep.tolist() == masking.drop_redundant(hiddens[1], first, 25).tolist()
+    assert all(set(k) <= set(f) for k, f in zip(keep.tolist(), first.tolist(), strict=True))
+
+
+def test_keep_sets_are_sorted_unique_and_in_range():
+    torch.manual_seed(3)
+    hiddens = [torch.randn(4, 196, 8) for _ in range(3)]
+    for strategy in masking.STRATEGIES:
+        keep = masking.keep_set(strategy, hiddens, 0.3)
+        for row in keep.tolist():
+            assert row == sorted(set(row)) and 0 <= row[0] and row[-1] < 196
+
+
+def test_direct_and_random_keep_as_many_as_progressive():
+    torch.manual_seed(4)
+    hiddens = [torch.randn(2, 196, 8) for _ in range(3)]
+    shapes = {s: tuple(masking.keep_set(s, hiddens, 0.3).shape) for s in ("progressive", "direct", "random")}
+    assert set(shapes.values()) == {(2, 67)}
+
+
+def test_direct_is_one_step_at_the_last_mask_block():
+    torch.manual_seed(5)
+    hiddens = [torch.randn(2, 196, 8) for _ in range(3)]
+    direct = masking.keep_set("direct", hiddens, 0.3)
+    one_step = masking.drop_redundant(hiddens[-1], masking.all_patches(2, 196), 67)
+    assert direct.tolist() == one_step.tolist()
+
+
+def test_random_without_hidden_states_differs_per_image():
+    torch.manual_seed(6)
+    keep = masking.keep_set("random", [], 0.3, batch=8, n=196, steps=3)
+    assert keep.shape == (8, 67)
+    assert len({tuple(r) for r in keep.tolist()}) == 8
+
+
+def test_none_and_zero_ratio_keep_everything():
+    hiddens = [torch.randn(2, 20, 4) for _ in range(3)]
+    for strategy in masking.STRATEGIES:
+        assert masking.keep_set(strategy, hiddens, 0.0).tolist() == [list(range(20))] * 2
+    assert masking.keep_set("none", hiddens, 0.3).tolist() == [list(range(20))] * 2
+
+
+def test_keep_count_does_not_depend_on_the_data():
+    shapes = {tuple(masking.progressive_keep([torch.randn(2, 64, 4) * s for _ in range(3)], 0.3).shape)
+              for s in (1e-3, 1.0, 1e3)}
+    assert shapes == {(2, masking.keep_count(64, 0.3, 3))}
+
+
+def test_ties_keep_the_lower_index():
+    h = torch.ones(1, 6, 4)  # every token identical: all cosines equal
+    assert masking.progressive_keep([h], 0.5).tolist() == [[0, 1, 2]]
+
+
+def test_bad_strategy_and_ratio_are_user_errors():
+    with pytest.raises(HDError, match="progressive"):
+        masking.keep_set("progresive", [], 0.3, batch=1, n=4, steps=1)
+    with pytest.raises(HDError, match="outside"):
+        masking.check_drop_ratio(1.0)
