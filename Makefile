@@ -23,6 +23,21 @@ test: install
 lint: install
 	$(BIN)/ruff check hdcli tests
 
+# The paper's tables (docs/reproduce.md): make reproduce-table1 DATA_IN1K=DIR [DATA_IN21K GPUS NODES OUT];
+# reproduce-table2 also reads DATA_CIFAR, DATA_CARS, DATA_INAT. DRY_RUN=1 prints the plan with GPU-hours;
+# SCALE=smoke runs the same chain with tiny models on the demo data (CPU, about a minute or two).
+REPRODUCE_ARGS = $(if $(OUT),--out "$(OUT)") $(if $(SCALE),--scale $(SCALE)) \
+	$(if $(filter-out 0 no false,$(DRY_RUN)),--dry-run) $(if $(GPUS),--gpus $(GPUS)) $(if $(NODES),--nodes $(NODES)) \
+	$(if $(DATA_IN1K),--data-in1k "$(DATA_IN1K)") $(if $(DATA_IN21K),--data-in21k "$(DATA_IN21K)") \
+	$(if $(DATA_CIFAR),--data-cifar "$(DATA_CIFAR)") $(if $(DATA_CARS),--data-cars "$(DATA_CARS)") \
+	$(if $(DATA_INAT),--data-inat "$(DATA_INAT)") $(if $(MAE_IN100),--mae-in100 "$(MAE_IN100)") \
+	$(if $(BENCH),--bench "$(BENCH)") $(if $(DETECTRON2_DIR),--detectron2-dir "$(DETECTRON2_DIR)") \
+	$(if $(MMSEG_DIR),--mmseg-dir "$(MMSEG_DIR)") $(if $(RUNS),--only "$(RUNS)")
+
+.PHONY: reproduce-table1 reproduce-table2 reproduce-ablations
+reproduce-table1 reproduce-table2 reproduce-ablations: install
+	$(BIN)/python -m hdcli reproduce $(patsubst reproduce-%,%,$@) $(REPRODUCE_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info hdcli/*.egg-info .pytest_cache runs
+	rm -rf $(VENV) build *.egg-info hdcli/*.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
