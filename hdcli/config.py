@@ -204,6 +204,98 @@ class DistillConfig:
     distill: MethodConfig = field(default_factory=MethodConfig)
 
 
+# ---------------------------------------------------------------- hd finetune
+
+FT_DATASETS = ("cifar100", "imagenet", "cars", "inat19", "folder", "demo", "fashion-mnist")
+GLOBAL_POOLS = ("avg", "token")
+MIXUP_MODES = ("batch", "pair", "elem")
+ERASE_MODES = ("pixel", "rand", "const")
+
+
+@dataclass
+class FinetuneSection:
+    """``[finetune]``: what is fine-tuned on which data, and MAE's fine-tuning recipe (ViT-B, IN-1k) from timm."""
+
+    dataset: str | None = None  # cifar100 | imagenet | cars | inat19 | folder | demo | fashion-mnist
+    student: str | None = None  # run dir, its student/ dir, local-dir:PATH, registry name or timm tag
+    eval_data: str | None = None  # evaluation source (default: the eval_split of data.source)
+    eval_split: str = "val"  # val (test where there is no val, e.g. CIFAR-100) | test | train
+    eval_batch_size: int | None = None  # default: train.batch_size
+    num_classes: int | None = None  # default: from the data (class folders, CIFAR meta, _info.json)
+    linear_probe: bool = False  # frozen backbone, BatchNorm1d(affine=False) + Linear head (MAE's protocol)
+    global_pool: str = "avg"  # avg (+ fc_norm, MAE fine-tuning) | token (final-norm CLS, MAE linear probing)
+    drop_path: float = 0.1
+    layer_decay: float = 0.65  # lr scale layer_decay^(depth+1-layer) (timm's param_groups_layer_decay); not when linear probing
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    cutmix_minmax: list[float] | None = None
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    mixup_mode: str = "batch"  # batch | pair | elem
+    smoothing: float = 0.1  # label smoothing
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ('none': off)
+    color_jitter: float | None = None  # only used without auto_augment (MAE: none)
+    reprob: float = 0.25  # random erasing probability
+    remode: str = "pixel"  # pixel | rand | const
+    recount: int = 1  # erased regions per image
+    crop_pct: float | None = None  # eval resize img_size/crop_pct + centre crop; default 1.0 (cifar100, demo,
+    #                                fashion-mnist: upsampled small images) else 0.875
+
+    def validate(self) -> None:
+        if self.dataset is not None:
+            _choice(self.dataset, FT_DATASETS, "finetune.dataset")
+        _choice(self.global_pool, GLOBAL_POOLS, "finetune.global_pool")
+        _choice(self.mixup_mode, MIXUP_MODES, "finetune.mixup_mode")
+        _choice(self.remode, ERASE_MODES, "finetune.remode")
+        if not 0 <= self.drop_path < 1:
+            raise HDError(f"finetune.drop_path must lie in [0, 1), got {self.drop_path}")
+        if not 0 < self.layer_decay <= 1:
+            raise HDError(f"finetune.layer_decay must lie in (0, 1], got {self.layer_decay}", "1.0 turns it off")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise HDError(f"finetune.mixup and finetune.cutmix are Beta alphas ≥ 0, got {self.mixup}, {self.cutmix}")
+        for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise HDError(f"finetune.{name} is a probability, got {getattr(self, name)}")
+        if not 0 <= self.smoothing < 1:
+            raise HDError(f"finetune.smoothing must lie in [0, 1), got {self.smoothing}")
+        if self.cutmix_minmax is not None and (len(self.cutmix_minmax) != 2
+                                               or not 0 < self.cutmix_minmax[0] <= self.cutmix_minmax[1] <= 1):
+            raise HDError(f"finetune.cutmix_minmax must be [min, max] with 0 < min ≤ max ≤ 1, got {self.cutmix_minmax}")
+        if self.recount < 1:
+            raise HDError(f"finetune.recount must be ≥ 1, got {self.recount}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise HDError(f"finetune.crop_pct must lie in (0, 1], got {self.crop_pct}")
+        for name in ("num_classes", "eval_batch_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise HDError(f"finetune.{name} must be ≥ 1, got {v}")
+        if self.auto_augment is not None and not self.auto_augment.strip():
+            raise HDError("finetune.auto_augment is empty", "use 'none' to turn RandAugment off")
+
+
+@dataclass
+class FinetuneConfig:
+    """``hd finetune``: every setting of a run. Defaults = MAE's ViT-B fine-tuning recipe (100 epochs, global
+    batch 1024 on 8 devices, blr 5e-4, layer decay 0.65, warm-up 5, AdamW betas (0.9, 0.999), min lr 1e-6)."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        blr=5e-4, betas=(0.9, 0.999), min_lr=1e-6, warmup_epochs=5.0, clip_grad=None))
+    data: DataConfig = field(default_factory=lambda: DataConfig(scale=(0.08, 1.0)))  # timm/MAE crop scale
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+    def validate(self) -> None:
+        fc = self.finetune
+        if fc.dataset is None:
+            raise HDError("no dataset given", f"name one: hd finetune {{{'|'.join(FT_DATASETS)}}} ...")
+        if not fc.student:
+            raise HDError("no student given", "--student RUN_DIR | RUN_DIR/student | local-dir:PATH | timm tag")
+        mixing = fc.mixup > 0 or fc.cutmix > 0 or fc.cutmix_minmax is not None
+        if mixing and self.train.batch_size % 2:
+            raise HDError(f"Mixup/CutMix mixes a batch with its reverse and needs an even batch size, got "
+                          f"{self.train.batch_size}", "use an even --batch-size or turn off --mixup and --cutmix")
+
+
 # ---------------------------------------------------------------- validation helpers
 
 def _hint(word: str, choices) -> str:
