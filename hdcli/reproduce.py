@@ -1,0 +1,714 @@
+"""The paper's experiments as one resumable chain: ``hd reproduce table1|table2|ablations`` (``make reproduce-*``).
+
+    p = plan("table1", out="runs/paper", data={"in1k": "/data/in1k-wds"}, gpus=8)
+    print(format_plan(p))     # DRY_RUN=1: every command with its estimated GPU-hours
+    execute(p)                # runs what is not done yet, in order
+
+Per run (one per trained row of paper_results.toml, ``recipes/paper/<run>.toml``) the stages are
+
+    distill   hd distill --recipe recipes/paper/<run>.toml --data ... --out OUT/<run>/distill --resume auto
+    finetune  hd finetune <set> --student OUT/<run>/distill --out OUT/<run>/ft-<set> --resume auto   (Tab. 1, 2)
+    export    hd export OUT/<run>/distill --format detectron2|mmseg --out OUT/<run>/export/...       (Tab. 1, 3-8)
+    coco      detectron2 ViTDet Mask R-CNN  -> OUT/<run>/coco.json     (only where detectron2 is installed)
+    ade20k    mmseg UperNet                 -> OUT/<run>/ade20k.json   (only where mmseg is installed)
+
+then ``hd report <target> --runs OUT --out OUT/<target>.md``. A stage is skipped when its result exists
+(``student/model.safetensors``, ``results.json`` + ``student/``, the export file, the json); training
+stages always pass ``--resume auto``, so an interrupted one continues from its newest checkpoint.
+
+``scale="smoke"`` runs the identical chain with tiny models (the recipe's architectures at width 48/64,
+random teachers as in recipes/distill/tiny-cpu.toml), the demo digits for every data set and a few steps
+per stage, on the CPU, in-process (one interpreter for all stages).
+
+GPU-hours come from the analytic FLOP model (``hdcli.flops``: model FLOPs of every step) divided by an
+achieved TFLOP/s per GPU: measured by ``hd bench distill --json`` on your GPU (``bench=``), given
+(``tflops=``), or else an assumption that the plan labels as such.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+
+from hdcli import config, report, ui
+from hdcli.errors import HDError, did_you_mean
+
+REPO = report.REPO
+PAPER_RECIPES = REPO / "recipes" / "paper"
+FINETUNE_RECIPES = REPO / "recipes" / "finetune"
+TARGETS = tuple(report.REPORTS)
+SCALES = ("full", "smoke")
+DEFAULT_OUT = {"full": "runs/paper", "smoke": "runs/paper-smoke"}
+
+# Data a stage reads: key -> (make variable, hd finetune dataset, training images per epoch).
+DATA = {
+    "in1k": ("DATA_IN1K", "imagenet", 1_281_167),
+    "in21k": ("DATA_IN21K", None, 14_197_122),  # ImageNet-21k (fall11, all 21,841 classes)
+    "cifar100": ("DATA_CIFAR", "cifar100", 50_000),
+    "cars": ("DATA_CARS", "cars", 8_144),
+    "inat19": ("DATA_INAT", "inat19", 265_213),
+}
+DISTILL_DATA = {"hybrid-mae-clip-vitl": "in21k"}  # paper Sec. 4.1: ViT-L on ImageNet-21k; the rest on IN-1k
+TABLE_FINETUNE = {"table1": ("in1k",), "table2": ("cifar100", "cars", "inat19"), "ablations": ()}
+TABLE_EXPORTS = {"table1": ("detectron2", "mmseg"), "table2": (), "ablations": ("detectron2",)}
+TABLE_DOWNSTREAM = {"table1": ("coco", "ade20k"), "table2": (), "ablations": ("coco",)}
+WEAK_MAE = "teachers/mae-in100"  # placeholder teacher of recipes/paper/abl-hybrid-weakmae-clip.toml
+REF_WORLD = 8  # recipes give the per-GPU batch for 8 GPUs (the paper's 8 V100s): global batch = 8 x batch_size
+
+# Achieved TFLOP/s per GPU assumed when no measurement is given (labelled as an assumption in the plan).
+ASSUMED_PEAK, ASSUMED_MFU, ASSUMED_GPU = 989.0, 0.30, "H100 SXM (989 dense bf16 TFLOP/s)"
+
+# Downstream schedules of the configs in docs/downstream.md (for the GPU-hour estimate).
+COCO_IMAGES = 184_375 * 64  # ViTDet mask_rcnn_vitdet_*_100ep: max_iter x total_batch_size
+COCO_SIZE, COCO_WINDOW = 1024, 14  # LSJ 1024 crops; window attention 14x14 except 4 global blocks
+ADE_IMAGES = 160_000 * 16  # mmseg 160k schedule, 8 GPUs x 2 images
+ADE_SIZE = 512
+
+# Tiny stand-ins for SCALE=smoke (the recipes' architectures at test size, as recipes/distill/tiny-cpu.toml).
+SMOKE_IMG, SMOKE_PATCH, SMOKE_STEPS, SMOKE_BATCH = 32, 4, 3, 16
+
+
+def smoke_dims(depth: int) -> dict:
+    """Tiny width/heads for an architecture of ``depth`` blocks (depth kept so block indices stay valid)."""
+    return {"embed_dim": 48, "depth": depth, "num_heads": 3} if depth <= 12 else \
+        {"embed_dim": 64, "depth": depth, "num_heads": 4}
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass
+class Step:
+    """One command of the chain."""
+
+    run: str  # the run it belongs to ("" for the teachers check and the report)
+    stage: str  # teachers | distill | finetune:<set> | export:<fmt> | coco | ade20k | report
+    argv: list[str]  # argv[0]: hd | accelerate | srun | python | bash
+    done: Path | None = None  # exists = finished (None: always runs)
+    gpu_hours: float | None = None
+    estimate: str = ""  # how gpu_hours was estimated, where it is not the plain FLOP model
+    skip: str = ""  # why it will not run (tool missing, variable unset); empty = it runs
+    after: Callable[[], None] | None = None  # turns the tool's own output into coco.json / ade20k.json
+    needs: tuple[str, ...] = ()  # data keys it reads
+
+    @property
+    def is_done(self) -> bool:
+        return self.done is not None and self.done.exists()
+
+    def command(self) -> str:
+        return join(self.argv)
+
+
+PLACEHOLDERS = ("$DATA_", "$DETECTRON2_DIR", "$MMSEG_DIR")
+
+
+def join(argv: list[str]) -> str:
+    """shlex.join, except that unset-variable placeholders ($DATA_IN1K, ...) stay expandable: "$DATA_IN1K"."""
+    return " ".join(f'"{a}"' if a.startswith(PLACEHOLDERS) and not any(c in a for c in "'\"`\\")
+                    else shlex.quote(a) for a in argv)
+
+
+@dataclass
+class Plan:
+    target: str
+    scale: str
+    out: Path
+    gpus: int
+    nodes: int
+    tflops: float
+    tflops_source: str
+    data: dict[str, str] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    labels: dict[str, list[str]] = field(default_factory=dict)  # run -> where it appears in the paper
+
+    @property
+    def world(self) -> int:
+        return self.gpus * self.nodes
+
+
+def fit_batch(per_device: int, accum: int, world: int, ref_world: int = REF_WORLD) -> tuple[int, int]:
+    """Per-device batch and accumulation steps giving the recipe's global batch (written for ``ref_world``
+    GPUs) on ``world`` GPUs: 1 GPU -> (128, 8) for 128 x 8; 16 GPUs -> (64, 1). Where the global batch does
+    not divide, the nearest accumulation is used (lr = blr x batch / 256 follows the batch)."""
+    target = per_device * accum * ref_world
+    if target % world:
+        return per_device, max(1, round(target / (per_device * world)))
+    per_world = target // world
+    a = max(1, math.ceil(per_world / per_device))
+    while per_world % a:
+        a += 1
+    return per_world // a, a
+
+
+def launcher(world: int, nodes: int, *, offline: bool = True) -> list[str]:
+    """The command prefix of a training stage on ``world`` GPUs (before the hd subcommand)."""
+    hd = ["hd", "--offline"] if offline else ["hd"]
+    if world <= 1:
+        return hd
+    acc = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(world)]
+    if nodes > 1:
+        acc += ["--num_machines", str(nodes), "--machine_rank", "$SLURM_NODEID",
+                "--main_process_ip", "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)",
+                "--main_process_port", "${MASTER_PORT:-29500}"]
+    return acc + ["-m", "hdcli", *hd[1:]]
+
+
+def _wrap_nodes(argv: list[str], nodes: int) -> list[str]:
+    """On several nodes, one launcher per node under srun (inside a SLURM allocation)."""
+    if nodes <= 1:
+        return argv
+    inner = " ".join(a if a.startswith(("$SLURM", "$(", "${")) else shlex.quote(a) for a in argv)
+    return ["srun", "--nodes", str(nodes), "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "bash", "-c", inner]
+
+
+@cache
+def arch_dims(arch: str, **kwargs):
+    """ViTDims of a timm architecture or teacher name (meta device: no weights)."""
+    from hdcli import flops, teachers
+
+    if arch == WEAK_MAE or arch.startswith(("local-dir:", "/", ".")):
+        arch = "vit_base_patch16_224.mae"  # a teacher directory: the estimate assumes an MAE ViT-B/16
+    elif arch.startswith("random:"):
+        arch = arch.removeprefix("random:")
+    else:
+        arch = teachers.resolve(arch).tag
+    return flops.arch_dims(arch, **kwargs)
+
+
+def _student_dims(cfg, img_size: int | None = None):
+    kw = dict(cfg.student.kwargs)
+    if cfg.student.patch_size:
+        kw["patch_size"] = cfg.student.patch_size
+    return arch_dims(cfg.student.arch, img_size=img_size or cfg.data.img_size, **kw)
+
+
+def n_keep(cfg, n_patches: int) -> int:
+    """Patches the student keeps (METHOD.md: the count depends only on N and the settings)."""
+    from hdcli.masking import keep_count
+
+    dc = cfg.distill
+    if dc.masking == "none" or not dc.mask_blocks:
+        return n_patches
+    return keep_count(n_patches, dc.drop_ratio, len(set(dc.mask_blocks)))
+
+
+def targets_of(dc) -> list[dict]:
+    """The targets a ``[distill]`` section trains (the hybrid default written out)."""
+    if dc.targets:
+        return [dict(t) for t in dc.targets]
+    return [{"teacher": dc.teachers[1], "kind": "features"},
+            {"teacher": dc.teachers[0], "kind": "relations", "blocks": list(dc.relation_blocks),
+             "student_blocks": dc.student_relation_blocks}]
+
+
+def distill_flops(cfg, dims: Callable[[str], object] | None = None) -> int:
+    """Model FLOPs of one distillation step per image for any ``[distill]`` section, with the counting rules
+    of ``hdcli.flops.hybrid_step`` (teachers run up to the last block a target or the mask needs; relations
+    and the student on CLS + kept patches; backward = 2x forward, patch embedding 1x). Elementwise losses
+    are left out."""
+    from hdcli import flops
+
+    dims = dims or (lambda name: arch_dims(name, img_size=cfg.data.img_size))
+    dc = cfg.distill
+    s = _student_dims(cfg)
+    grid = cfg.data.img_size // patch_of(s)
+    n = grid * grid
+    kept = n_keep(cfg, n)
+    tok = s.prefix + kept
+    tgts = targets_of(dc)
+    needs_mask = dc.masking in ("progressive", "direct") and kept < n
+    mask_teacher = (dc.mask_teacher or dc.teachers[0]) if needs_mask else None
+    mask_blocks = sorted(set(dc.mask_blocks)) if dc.masking == "progressive" else sorted(set(dc.mask_blocks))[-1:]
+    total = 0
+    for name in dict.fromkeys(dc.teachers):
+        d = dims(name)
+        run_blocks, taps = 0, 0
+        for t in (t for t in tgts if t["teacher"] == name):
+            blocks = list(t.get("blocks") or [])
+            if t["kind"] == "features":
+                run_blocks = d.depth
+            elif t["kind"] == "relations":
+                run_blocks = max(run_blocks, *blocks)  # entering block b needs blocks 0..b-1
+                taps += len(blocks)
+            else:  # block / msa: the output of block b
+                run_blocks = max(run_blocks, *(b + 1 for b in blocks))
+        if name == mask_teacher:
+            run_blocks = max(run_blocks, *mask_blocks)
+        total += flops.encoder(d, n, d.prefix + n, run_blocks) + taps * flops.relations(d, tok)
+    fwd = flops.encoder(s, n, tok, s.depth)
+    for t in tgts:
+        td = dims(t["teacher"])
+        if t["kind"] == "features":
+            fwd += flops.linear(tok, s.dim, td.dim)
+        elif t["kind"] == "relations":
+            fwd += len(t.get("student_blocks") or t.get("blocks") or []) * flops.relations(s, tok)
+        else:
+            fwd += len(t.get("blocks") or []) * flops.linear(tok, s.dim, td.dim)
+    pe = flops.patch_embed(s, n)
+    return total + fwd + 2 * (fwd - pe) + pe
+
+
+def patch_of(d) -> int:
+    """Patch side of a ViTDims (patch_in = 3·p²)."""
+    return int(round(math.sqrt(d.patch_in / 3)))
+
+
+def train_flops(d, n_patches: int) -> int:
+    """Forward + backward of a plain ViT classifier on all tokens, per image."""
+    from hdcli import flops
+
+    fwd = flops.encoder(d, n_patches, d.prefix + n_patches, d.depth)
+    pe = flops.patch_embed(d, n_patches)
+    return fwd + 2 * (fwd - pe) + pe
+
+
+def vitdet_flops(d, size: int = COCO_SIZE, window: int = COCO_WINDOW) -> int:
+    """Backbone forward + backward of ViTDet at ``size``² (window attention except 4 global blocks), per image."""
+    from hdcli import flops
+
+    side = size // patch_of(d)
+    n = side * side
+    padded = math.ceil(side / window) ** 2
+    attn_global, attn_window = flops.attention(d, n), padded * flops.attention(d, window * window)
+    dense = flops.block(d, n) - attn_global
+    n_global = 4
+    fwd = flops.patch_embed(d, n) + d.depth * dense + n_global * attn_global + (d.depth - n_global) * attn_window
+    pe = flops.patch_embed(d, n)
+    return fwd + 2 * (fwd - pe) + pe
+
+
+def hours(flops_total: float, tflops: float) -> float:
+    return flops_total / (tflops * 1e12) / 3600
+
+
+def _load_bench(path: str | os.PathLike) -> tuple[float, str]:
+    obj = report.read_json(Path(path))
+    if not obj or not isinstance(obj.get("tflops"), int | float) or obj["tflops"] <= 0:
+        raise HDError(f"{path} is not the output of `hd bench distill --json` (no 'tflops')",
+                      "run: hd bench distill --json > bench.json on one GPU of the cluster")
+    dev = (obj.get("config") or {}).get("device", "?")
+    return float(obj["tflops"]), f"measured by hd bench distill on {dev} ({path})"
+
+
+FT_ALIASES = {"in1k": ("imagenet", "in1k", "in-1k"), "cifar100": ("cifar100", "cifar-100", "cifar"),
+              "cars": ("cars",), "inat19": ("inat19", "inat-19", "inat")}
+SIZE_ALIASES = {"b": ("vitb", "vit-b", "vit_b", "base"), "l": ("vitl", "vit-l", "vit_l", "large")}
+
+
+def finetune_recipe(dataset_key: str, arch: str, root: Path = FINETUNE_RECIPES) -> Path | None:
+    """The recipes/finetune recipe of a data set for a ViT-B or ViT-L student: the file whose name holds the
+    data set (imagenet/in1k, cifar100, cars, inat19) and the size (vitb/base, vitl/large); for ViT-B also
+    one that names no size. None if there is none (hd finetune's defaults then apply)."""
+    size = "l" if "large" in arch else "b"
+    files = sorted(root.glob("*.toml")) if root.is_dir() else []
+
+    def has(stem: str, words) -> bool:
+        return any(re.search(rf"(^|[-_.]){re.escape(w)}($|[-_.])", stem) for w in words)
+
+    ours = [f for f in files if has(f.stem.lower(), FT_ALIASES[dataset_key])]
+    sized = [f for f in ours if has(f.stem.lower(), SIZE_ALIASES[size])]
+    if sized:
+        return sized[0]
+    unsized = [f for f in ours if not any(has(f.stem.lower(), w) for w in SIZE_ALIASES.values())]
+    return unsized[0] if unsized and size == "b" else None
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def plan(target: str, *, out: str | os.PathLike | None = None, scale: str = "full",
+         data: dict[str, str | None] | None = None, gpus: int | None = None, nodes: int = 1,
+         only: list[str] | None = None, mae_in100: str | None = None, detectron2_dir: str | None = None,
+         mmseg_dir: str | None = None, bench: str | None = None, tflops: float | None = None,
+         paper_path: str | None = None) -> Plan:
+    """Every step of ``target`` (table1 | table2 | ablations) in order; nothing runs."""
+    from hdcli.config import DistillConfig
+
+    if target not in TARGETS:
+        raise HDError(f"unknown target {target!r}", did_you_mean(target, TARGETS))
+    if scale not in SCALES:
+        raise HDError(f"unknown scale {scale!r}", did_you_mean(scale, SCALES))
+    if nodes < 1 or (gpus is not None and gpus < 1):
+        raise HDError(f"GPUS and NODES must be ≥ 1, got {gpus} and {nodes}")
+    smoke = scale == "smoke"
+    data = {k: v for k, v in (data or {}).items() if v}
+    if gpus is None:
+        gpus = _visible_gpus() or REF_WORLD
+    if smoke:
+        gpus, nodes = 1, 1
+    out = Path(out or DEFAULT_OUT[scale])
+    if tflops is not None:
+        if tflops <= 0:
+            raise HDError(f"--tflops must be > 0, got {tflops}")
+        source = f"given: {tflops:g} TFLOP/s per GPU"
+    elif bench:
+        tflops, source = _load_bench(bench)
+    else:
+        tflops = ASSUMED_PEAK * ASSUMED_MFU
+        source = (f"ASSUMED {tflops:.0f} TFLOP/s per GPU = {ASSUMED_MFU:.0%} MFU of an {ASSUMED_GPU}; "
+                  "measure yours with `hd bench distill --json > bench.json` and pass BENCH=bench.json")
+    p = Plan(target, scale, out, gpus, nodes, tflops, source, data)
+    paper = report.load_paper(paper_path)
+    runs = report.runs_of(target, paper)
+    if only:
+        bad = [r for r in only if r not in runs]
+        if bad:
+            raise HDError(f"{', '.join(bad)} is not a run of {target}", did_you_mean(bad[0], runs))
+        runs = [r for r in runs if r in only]
+    world = p.world
+
+    if not smoke:  # pretrained teachers must be in the hub cache (compute nodes run offline)
+        names = []
+        for r in runs:
+            cfg = config.load_config(DistillConfig, recipe=PAPER_RECIPES / f"{r}.toml")
+            names += [t for t in cfg.distill.teachers if t != WEAK_MAE and t not in names]
+        p.steps.append(Step("", "teachers", ["hd", "fetch-teachers", "--offline", *names],
+                            gpu_hours=0.0, estimate="verifies the hub cache; download first with "
+                            f"`hd fetch-teachers {' '.join(names)}` on a machine with internet"))
+
+    for r in runs:
+        p.labels[r] = report.row_labels(r, paper)
+        recipe = PAPER_RECIPES / f"{r}.toml"
+        cfg = config.load_config(DistillConfig, recipe=recipe)
+        run_dir = out / r
+        distill_dir = run_dir / "distill"
+        dkey = DISTILL_DATA.get(r, "in1k")
+        argv = [*launcher(world, nodes, offline=not smoke), "distill", "--recipe", _rel(recipe),
+                "--data", "demo" if smoke else data.get(dkey, f"${DATA[dkey][0]}"),
+                "--out", str(distill_dir), "--resume", "auto"]
+        skip = ""
+        if WEAK_MAE in cfg.distill.teachers:
+            if smoke:
+                pass
+            elif mae_in100:
+                argv += rename_teachers(cfg.distill, {WEAK_MAE: mae_in100})
+            else:
+                skip = "needs the ImageNet-100 MAE teacher: set MAE_IN100=DIR (docs/reproduce.md)"
+        if smoke:
+            argv += _smoke_distill(cfg)
+        else:
+            bs, acc = fit_batch(cfg.train.batch_size, cfg.train.accum_steps, world)
+            if bs != cfg.train.batch_size:
+                argv += ["--batch-size", str(bs)]
+            if acc != cfg.train.accum_steps:
+                argv += ["--accum-steps", str(acc)]
+        est = None if smoke else hours(distill_flops(cfg) * DATA[dkey][2] * cfg.train.epochs, tflops)
+        p.steps.append(Step(r, "distill", _wrap_nodes(argv, nodes), distill_dir / "student" / "model.safetensors",
+                            est, skip=skip, needs=() if smoke else (dkey,)))
+
+        student = _student_dims(cfg, 224) if not smoke else None
+        for key in TABLE_FINETUNE[target]:
+            ft_dir = run_dir / f"ft-{key}"
+            ft_recipe = finetune_recipe(key, cfg.student.arch)
+            dataset = "demo" if smoke else DATA[key][1]
+            argv = [*launcher(world, nodes, offline=not smoke), "finetune", dataset, "--student",
+                    str(distill_dir), "--out", str(ft_dir), "--resume", "auto"]
+            if ft_recipe is not None:
+                argv[argv.index("finetune") + 2:argv.index("finetune") + 2] = ["--recipe", _rel(ft_recipe)]
+            est, note = None, ""
+            if smoke:
+                argv += _smoke_finetune()
+            else:
+                argv[argv.index("--student"):argv.index("--student")] = ["--data-dir", data.get(key, f"${DATA[key][0]}")]
+                ft = config.read_toml(ft_recipe) if ft_recipe else {}
+                bs0 = ft.get("train", {}).get("batch_size", 128)
+                acc0 = ft.get("train", {}).get("accum_steps", 1)
+                bs, acc = fit_batch(bs0, acc0, world)
+                if bs != bs0:
+                    argv += ["--batch-size", str(bs)]
+                if acc != acc0:
+                    argv += ["--accum-steps", str(acc)]
+                epochs = ft.get("train", {}).get("epochs", 100)
+                img = ft.get("data", {}).get("img_size", 224)
+                d = _student_dims(cfg, img)
+                grid = img // patch_of(d)
+                est = hours(train_flops(d, grid * grid) * DATA[key][2] * epochs, tflops)
+                if ft_recipe is None:
+                    note = f"no recipes/finetune recipe for {key}: hd finetune's defaults (MAE ViT-B, 100 epochs)"
+            p.steps.append(Step(r, f"finetune:{key}", _wrap_nodes(argv, nodes),
+                                ft_dir / "student" / "model.safetensors", est, note, skip=skip,
+                                needs=() if smoke else (key,)))
+
+        for fmt in TABLE_EXPORTS[target]:
+            f = run_dir / "export" / f"{fmt}.pth"
+            p.steps.append(Step(r, f"export:{fmt}", ["hd", "export", str(distill_dir), "--format", fmt, "--out", str(f)],
+                                f, 0.0, skip=skip))
+
+        for task in TABLE_DOWNSTREAM[target]:
+            p.steps.append(_downstream(task, r, run_dir, cfg, student, gpus, tflops, smoke=smoke, skip=skip,
+                                       detectron2_dir=detectron2_dir, mmseg_dir=mmseg_dir))
+
+    p.steps.append(Step("", "report", ["hd", "report", target, "--runs", str(out), "--out", str(out / f"{target}.md")],
+                        gpu_hours=0.0))
+    return p
+
+
+def _smoke_distill(cfg) -> list[str]:
+    """Flags that turn a paper recipe into its tiny CPU twin (same teachers' architectures, random weights)."""
+    s_depth = arch_dims(cfg.student.arch).depth
+    tiny_teachers = []
+    for t in cfg.distill.teachers:
+        tag = "vit_base_patch16_224.mae" if t == WEAK_MAE else _tag(t)
+        tiny_teachers.append(f"random:{tag}")
+    t_depth = max(arch_dims(t).depth for t in tiny_teachers)
+    sk, tk = smoke_dims(s_depth), {"patch_size": SMOKE_PATCH, **smoke_dims(t_depth)}
+    return [*rename_teachers(cfg.distill, dict(zip(cfg.distill.teachers, tiny_teachers, strict=True))), "--img-size", str(SMOKE_IMG), "--patch-size", str(SMOKE_PATCH),
+            "--steps", str(SMOKE_STEPS), "--batch-size", str(SMOKE_BATCH), "--num-workers", "0", "--cpu",
+            "--mixed-precision", "no", "--save-every", str(SMOKE_STEPS), "--log-every", "1",
+            "--set", f"student.kwargs={_inline(sk)}", "--set", f"distill.teacher_kwargs={_inline(tk)}",
+            "--set", "optim.warmup_steps=1"]
+
+
+def rename_teachers(dc, new: dict[str, str]) -> list[str]:
+    """Flags replacing teachers by other names (smoke: random twins; Tab. 4 ⋆: the MAE_IN100 dir), with the
+    targets and the mask teacher that name them rewritten to match."""
+    flags = ["--teachers", ",".join(new.get(t, t) for t in dc.teachers)]
+    if dc.targets:
+        targets = [{**t, "teacher": new.get(t["teacher"], t["teacher"])} for t in dc.targets]
+        flags += ["--set", f"distill.targets={config.toml_value(targets)}"]
+    if dc.mask_teacher:
+        flags += ["--set", f"distill.mask_teacher={config.toml_value(new.get(dc.mask_teacher, dc.mask_teacher))}"]
+    return flags
+
+
+def _smoke_finetune() -> list[str]:
+    return ["--img-size", str(SMOKE_IMG), "--steps", str(SMOKE_STEPS), "--epoch-steps", str(SMOKE_STEPS),
+            "--batch-size", str(SMOKE_BATCH), "--num-workers", "0", "--cpu", "--mixed-precision", "no",
+            "--log-every", "1", "--set", "optim.warmup_steps=1", "--set", "finetune.eval_batch_size=120"]
+
+
+def _tag(name: str) -> str:
+    from hdcli import teachers
+
+    return teachers.resolve(name).tag
+
+
+def _inline(d: dict) -> str:
+    return "{" + ", ".join(f"{k} = {config.toml_value(v)}" for k, v in d.items()) + "}"
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - a planning machine without a working CUDA stack plans for 8
+        return 0
+
+
+# ---------------------------------------------------------------- detectron2 / mmseg
+
+def _tool(module: str, checkout: str | None, script: str, env: str) -> tuple[Path | None, str]:
+    """The checkout of an external tool if it can run here, else (None, why not)."""
+    if importlib.util.find_spec(module) is None:
+        return None, f"not run: {module} is not installed (set {env}=CHECKOUT with it installed to run it)"
+    if not checkout:
+        return None, f"not run: {env} (the {module} checkout holding {script}) is not set"
+    root = Path(checkout).expanduser()
+    if not (root / script).is_file():
+        return None, f"not run: {root / script} not found ({env} must be a {module} checkout)"
+    return root, ""
+
+
+def _downstream(task: str, run: str, run_dir: Path, cfg, student, gpus: int, tflops: float, *, smoke: bool,
+                skip: str, detectron2_dir: str | None, mmseg_dir: str | None) -> Step:
+    large = "large" in cfg.student.arch
+    if task == "coco":
+        root, why = _tool("detectron2", detectron2_dir, "tools/lazyconfig_train_net.py", "DETECTRON2_DIR")
+        base = root or Path("$DETECTRON2_DIR")
+        cfg_file = base / f"projects/ViTDet/configs/COCO/mask_rcnn_vitdet_{'l' if large else 'b'}_100ep.py"
+        work = run_dir / "coco"
+        argv = ["python", str(base / "tools/lazyconfig_train_net.py"), "--config-file", str(cfg_file),
+                "--num-gpus", str(gpus), "--resume",
+                f"train.init_checkpoint={(run_dir / 'export' / 'detectron2.pth').resolve()}",
+                f"train.output_dir={work.resolve()}"]
+        done = run_dir / report.COCO
+
+        def after() -> None:
+            r = report.read_detectron2(work / "metrics.json")
+            report.record(run_dir, box_ap=r["box_ap"], mask_ap=r.get("mask_ap"), source=f"detectron2 {work}")
+
+        est = None if smoke else hours(vitdet_flops(student) * COCO_IMAGES, tflops)
+        note = "LOWER BOUND: backbone FLOPs only (FPN, RPN and Mask R-CNN heads add more)"
+    else:
+        root, why = _tool("mmseg", mmseg_dir, "tools/dist_train.sh", "MMSEG_DIR")
+        base = root or Path("$MMSEG_DIR")
+        work = run_dir / "ade20k"
+        argv = ["bash", str(base / "tools/dist_train.sh"),
+                str(base / "configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"), str(gpus),
+                "--work-dir", str(work.resolve()), "--resume", "--cfg-options",
+                f"model.pretrained={(run_dir / 'export' / 'mmseg.pth').resolve()}"]
+        if large:  # mmseg ships the MAE UperNet config for ViT-B only (docs/downstream.md, other shapes)
+            argv += ["model.backbone.embed_dims=1024", "model.backbone.num_layers=24", "model.backbone.num_heads=16",
+                     "model.backbone.out_indices=[7,11,15,23]", "model.neck.embed_dim=1024",
+                     "model.decode_head.in_channels=[1024,1024,1024,1024]", "model.auxiliary_head.in_channels=1024",
+                     "optim_wrapper.paramwise_cfg.num_layers=24"]
+        done = run_dir / report.ADE20K
+
+        def after() -> None:
+            report.record(run_dir, miou=report.read_mmseg(work), source=f"mmseg {work}")
+
+        est = None
+        if not smoke:
+            grid = ADE_SIZE // patch_of(student)
+            est = hours(train_flops(student, grid * grid) * ADE_IMAGES, tflops)
+        note = "LOWER BOUND: backbone FLOPs only (UperNet's 768-channel head costs several times the backbone)"
+    if smoke:
+        why = "not run: SCALE=smoke trains no detector/segmenter"
+    return Step(run, task, argv, done, est, note, skip=skip or why, after=after)
+
+
+# ---------------------------------------------------------------- printing
+
+def _h(v: float) -> str:
+    if v == 0:
+        return "~0"
+    return f"{v:,.0f}" if v >= 10 else f"{v:.1f}"
+
+
+def format_plan(p: Plan) -> str:
+    """The whole plan as text: a header, every command with its state and GPU-hours, totals."""
+    smoke = p.scale == "smoke"
+    where = "the CPU, in-process" if smoke else f"{p.gpus} GPU(s) x {p.nodes} node(s)"
+    lines = [f"# hd reproduce {p.target}: scale {p.scale}, on {where}, out {p.out}",
+             f"# GPU-hours: model FLOPs (hdcli.flops) / {p.tflops_source}" if not smoke else
+             "# SCALE=smoke: tiny models, random teachers, demo digits, "
+             f"{SMOKE_STEPS} steps per stage (numbers are not comparable to the paper)",
+             "# a stage whose result exists is skipped; training stages resume from their newest checkpoint", ""]
+    cur = None
+    totals: dict[str, float] = {}
+    for s in p.steps:
+        if s.run != cur:
+            cur = s.run
+            head = f"## {s.run}" if s.run else f"## {s.stage}"
+            if s.run and p.labels.get(s.run):
+                head += f"  ({'; '.join(p.labels[s.run])})"
+            lines.append(head)
+        state = "done, skipped" if s.is_done else (s.skip or "runs")
+        cost = "CPU" if s.gpu_hours is None else f"{_h(s.gpu_hours)} GPU-h"
+        lines.append(f"[{s.stage}] {cost} | {state}" + (f" | {s.estimate}" if s.estimate else ""))
+        lines.append(f"  {s.command()}")
+        if s.gpu_hours and not s.is_done:
+            group = s.stage.split(":")[0]
+            totals[group] = totals.get(group, 0.0) + s.gpu_hours
+    lines.append("")
+    if not smoke:
+        total = sum(totals.values())
+        parts = ", ".join(f"{k} {'≥' if k in ('coco', 'ade20k') else ''}{_h(v)}" for k, v in totals.items())
+        days = total / p.world / 24
+        lines.append(f"# remaining: {_h(total)} GPU-hours ({parts}) = about {days:,.1f} days on {p.world} GPU(s)")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- running
+
+def check_out(p: Plan) -> None:
+    """OUT holds runs of one scale only (a smoke student must never be fine-tuned as a real one)."""
+    state = report.read_json(p.out / report.STATE)
+    if state and state.get("scale") not in (None, p.scale):
+        raise HDError(f"{p.out} holds SCALE={state['scale']} runs, this is SCALE={p.scale}",
+                      "choose another OUT")
+
+
+def check_data(p: Plan) -> None:
+    """Every data variable a runnable, unfinished stage reads is set and exists."""
+    missing: dict[str, list[str]] = {}
+    for s in p.steps:
+        if s.is_done or s.skip:
+            continue
+        for key in s.needs:
+            var = DATA[key][0]
+            if key not in p.data:
+                missing.setdefault(var, []).append(f"{s.stage} of {s.run}")
+            elif not Path(p.data[key].removeprefix("cifar100:")).expanduser().exists() and "{" not in p.data[key]:
+                raise HDError(f"{var}={p.data[key]} does not exist", f"needed by {s.stage} of {s.run}")
+    if missing:
+        var, who = next(iter(missing.items()))
+        more = f" (+{len(who) - 1} more)" if len(who) > 1 else ""
+        raise HDError(f"{', '.join(missing)} not set: needed by {who[0]}{more}",
+                      f"e.g. make reproduce-{p.target} {var}=/data/... (docs/reproduce.md); DRY_RUN=1 shows the plan")
+
+
+def _exec_argv(argv: list[str]) -> list[str]:
+    """The argv that executes a displayed command with this environment's interpreter and tools
+    (``srun ... bash -c '...'`` runs as shown: bash expands $SLURM_NODEID on each node)."""
+    if argv[0] == "hd":
+        return [sys.executable, "-m", "hdcli", *argv[1:]]
+    if argv[0] == "accelerate":
+        exe = Path(sys.executable).with_name("accelerate")
+        return [str(exe) if exe.exists() else shutil.which("accelerate") or "accelerate", *argv[1:]]
+    if argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    return argv
+
+
+def _run_in_process(argv: list[str]) -> None:
+    """``hd ...`` in this interpreter (smoke: no start-up cost per stage). HDError propagates."""
+    from hdcli.cli import app
+
+    try:
+        rc = app(args=argv[1:], standalone_mode=False, prog_name="hd")
+    except SystemExit as e:
+        rc = e.code
+    if rc not in (None, 0):
+        raise HDError(f"`{join(argv)}` exited with status {rc}")
+
+
+def execute(p: Plan, *, in_process: bool | None = None) -> dict:
+    """Run every step that is neither done nor skipped, in order. Returns counts of what happened."""
+    in_process = p.scale == "smoke" if in_process is None else in_process
+    check_out(p)
+    check_data(p)
+    p.out.mkdir(parents=True, exist_ok=True)
+    state = report.read_json(p.out / report.STATE) or {"scale": p.scale, "created": _now()}
+    state.update({"scale": p.scale, "last_target": p.target, "updated": _now()})
+    report.write_text(p.out / report.STATE, json.dumps(state, indent=1) + "\n")
+    counts = {"ran": 0, "done": 0, "skipped": 0}
+    for i, s in enumerate(p.steps, 1):
+        name = f"[{i}/{len(p.steps)}] {s.stage}" + (f" {s.run}" if s.run else "")
+        if s.is_done:
+            ui.info(f"[dim]{name}: done, skipped[/]")
+            counts["done"] += 1
+            continue
+        if s.skip:
+            ui.info(f"[dim]{name}: {s.skip}[/]")
+            counts["skipped"] += 1
+            continue
+        ui.info(f"[bold]{name}[/]: {s.command()}")
+        t0 = time.perf_counter()
+        try:
+            if in_process and s.argv[0] == "hd":
+                _run_in_process(s.argv)
+            else:
+                rc = subprocess.call(_exec_argv(s.argv))
+                if rc:
+                    raise HDError(f"`{s.command()}` exited with status {rc}")
+            if s.after is not None:
+                s.after()
+        except HDError as e:
+            raise HDError(f"{s.stage}{' of ' + s.run if s.run else ''} failed: {e.problem}",
+                          e.hint or "fix it and run the same command again: finished stages are skipped, "
+                          "unfinished runs resume from their newest checkpoint") from e
+        counts["ran"] += 1
+        ui.info(f"[dim]{name}: finished in {time.perf_counter() - t0:.1f} s[/]")
+    return counts
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
