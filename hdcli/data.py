@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import pickle
 import random
+import signal
 import struct
 import tarfile
 from collections.abc import Callable, Iterator
@@ -210,7 +211,11 @@ def parse_source(source: str | os.PathLike | None) -> Source:
             raise HDError("cifar100 needs a directory: cifar100:DIR",
                           "DIR holds cifar-100-python/ (train, test, meta) or cifar-100-python.tar.gz")
         return Source("cifar100", s, str(Path(rest).expanduser()))
+    # Cheap checks here (a stat and 1 KiB per shard, a walk up to the first image): every command calls
+    # parse_source before building models, so a wrong path fails before any heavy work (issue 10).
     if _is_pattern(s):
+        for u in expand_pattern(s):
+            check_tar(u)
         return Source("shards", s, s)
     p = Path(s).expanduser()
     if not p.exists():
@@ -218,11 +223,25 @@ def parse_source(source: str | os.PathLike | None) -> Source:
         raise HDError(f"data path not found: {s}", hint)
     if p.is_file():
         if _is_shard_name(p.name):
+            check_tar(str(p))
             return Source("shards", s, str(p))
         raise HDError(f"not a data source: {s} is a file", SOURCE_HINT)
-    if (p / "_info.json").exists() or any(_is_shard_name(f.name) for f in p.iterdir()):
+    tars = [f for f in p.iterdir() if _is_shard_name(f.name) and f.is_file()]
+    if (p / "_info.json").exists() or tars:
+        for f in tars:
+            check_tar(str(f))
         return Source("shards", s, str(p))
+    if not _has_image(p):
+        raise HDError(f"no images found in {p}", SOURCE_HINT)
     return Source("folder", s, str(p))
+
+
+def _has_image(root: Path) -> bool:
+    """Whether any image file lies under ``root`` (stops at the first one)."""
+    for _, _, files in os.walk(root, followlinks=True):
+        if any(f.lower().endswith(IMAGE_EXTS) for f in files):
+            return True
+    return False
 
 
 def _is_pattern(s: str) -> bool:
@@ -665,6 +684,14 @@ class SharedCounts:
         return False
 
 
+def _worker_init(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM. Ctrl-C and SLURM signal the whole process group, and the
+    main process still needs batches until it saves its checkpoint at the next step boundary (issue 10);
+    the main process shuts its workers down, and they exit by themselves if it dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _worker_id() -> int:
     info = torch.utils.data.get_worker_info()
     return info.id if info is not None else 0
@@ -908,7 +935,7 @@ class MapLoader(Loader):
         self.dataset = _MapDataset(records, transform, counts)
         self._dl = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=num_workers, collate_fn=_collate,
-            persistent_workers=num_workers > 0)
+            persistent_workers=num_workers > 0, worker_init_fn=_worker_init)
 
     def _batches(self, epoch: int, start: int):
         self.sampler.epoch, self.sampler.start = epoch, start
@@ -953,7 +980,8 @@ class ShardLoader(Loader):
                                         wds.split_by_worker, reader, self._decode,
                                         wds.batched(b, collation_fn=_collate, partial=True))
         super().__init__(num_samples=shards.num_samples, classes=shards.classes, counts=counts, length=length, **kw)
-        self._dl = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers)
+        self._dl = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
+                                               worker_init_fn=_worker_init)
 
     def _check_complete(self, seen: int) -> None:
         if self._expected is not None and seen != self._expected:

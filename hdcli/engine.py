@@ -212,17 +212,43 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def fault_injected(name: str) -> str | None:
+    """For tests only: ``HD_FAULT_INJECT="free_bytes=1000"`` (comma-separated NAME=VALUE) makes the engine
+    behave as if that fault were real. ``free_bytes``: the free space the disk check sees."""
+    for item in os.environ.get("HD_FAULT_INJECT", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
 def check_free_space(path: Path, need: int) -> None:
     """HDError when ``path``'s filesystem has less than ``need`` bytes free (checked before the first save)."""
     free = shutil.disk_usage(path).free
+    if (fake := fault_injected("free_bytes")) is not None:
+        free = min(free, int(fake))
     if free < need:
         raise HDError(f"only {_fmt_bytes(free)} free under {path}; checkpoints and the export need about "
                       f"{_fmt_bytes(need)}", "free some space, lower --keep-checkpoints, or choose another --out")
 
 
+def _unwritable(run_dir: Path, e: OSError) -> HDError:
+    return HDError(f"cannot write to the run dir {run_dir}: {e.strerror or e}",
+                   "check its permissions and free space, or choose another --out")
+
+
 def _rmtree(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _reason(e: BaseException) -> str:
+    """One line saying why a write failed: OSError's text, or the first line of a library's error (a full
+    disk reaches safetensors as SafetensorError and torch.save as RuntimeError, not as OSError)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text[:300]
 
 
 # ---------------------------------------------------------------- helpers of the loop
@@ -374,10 +400,13 @@ def _train(make_task, cfg, run_dir: Path, resume, resume_hint) -> dict:
     if resume is None and list_checkpoints(run_dir):
         raise HDError(f"{run_dir} already holds checkpoints of a run",
                       "add --resume auto to continue it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     seed_all(tc.seed)  # identical initial weights on every rank
     task = make_task()  # before any distributed set-up: a bad name or path fails fast
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)  # after it: a typo leaves no empty run dir behind
+    except OSError as e:
+        raise _unwritable(run_dir, e) from None
     accelerator = make_accelerator(tc, run_dir, find_unused_parameters=task.find_unused_parameters)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -461,9 +490,12 @@ def _train(make_task, cfg, run_dir: Path, resume, resume_hint) -> dict:
         _say(f"no checkpoint in {escape(str(run_dir / CHECKPOINTS))}: starting from scratch")
 
     if main:
-        save_config(cfg, run_dir / "config.toml")
-        _trim_metrics(run_dir / METRICS_FILE, start)
-        (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+        try:
+            save_config(cfg, run_dir / "config.toml")
+            _trim_metrics(run_dir / METRICS_FILE, start)
+            (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+        except OSError as e:
+            raise _unwritable(run_dir, e) from None
         for stale in (run_dir / CHECKPOINTS).glob(".tmp-*"):
             _rmtree(stale)  # an interrupted save leaves only a temp dir behind
         check_free_space(run_dir, 2 * 3 * _model_bytes(model, frozen_names) + (64 << 20))
@@ -622,7 +654,10 @@ def _load_trainable(model: nn.Module, frozen_names: set[str], ckpt: Path) -> Non
     path = ckpt / "model.safetensors"
     if not path.is_file():
         raise HDError(f"checkpoint {ckpt} has no model.safetensors", "it is incomplete or not an hd checkpoint")
-    sd = load_file(str(path), device="cpu")
+    try:
+        sd = load_file(str(path), device="cpu")
+    except Exception as e:  # SafetensorError: a file cut or changed after the checkpoint was written
+        raise HDError(f"checkpoint {ckpt} is unreadable ({_reason(e)})", "resume from an older one or start afresh") from None
     own = model.state_dict()
     expected = {k for k in own if k not in frozen_names}
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
@@ -643,11 +678,11 @@ def _save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: i
     final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
     main = accelerator.is_main_process
     accelerator.wait_for_everyone()
-    if main:
-        _rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
     try:
+        if main:
+            _rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if main:
@@ -655,10 +690,10 @@ def _save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: i
             if final.exists():  # the same step saved before (e.g. stopped right after a periodic save)
                 _rmtree(final)
             os.replace(tmp, final)
-    except OSError as e:
+    except Exception as e:  # OSError, SafetensorError, RuntimeError: a failed save is an error, never skipped
         if main:
             _rmtree(tmp)
-        raise HDError(f"could not write checkpoint {final}: {e.strerror or e}",
+        raise HDError(f"could not write checkpoint {final}: {_reason(e)}",
                       "check free space and permissions of the run dir; earlier checkpoints are intact") from None
     if main:
         for old in list_checkpoints(run_dir)[:-keep]:
@@ -673,16 +708,19 @@ def _export(task: Task, accelerator, model: nn.Module, run_dir: Path) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _rmtree(tmp)
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             task.export(model, tmp)
             if final.exists():
                 _rmtree(old)
                 os.replace(final, old)
             os.replace(tmp, final)
-        except OSError as e:
+        except HDError:
             _rmtree(tmp)
-            raise HDError(f"could not write {final}: {e.strerror or e}",
+            raise
+        except Exception as e:  # OSError, SafetensorError, RuntimeError (a full disk): an error, never skipped
+            _rmtree(tmp)
+            raise HDError(f"could not write {final}: {_reason(e)}",
                           "check free space and permissions; the checkpoints are intact") from None
         _rmtree(old)
     accelerator.wait_for_everyone()
@@ -720,8 +758,11 @@ def _fmt_time(s: float) -> str:
 
 def _log(rec: dict, keys: Sequence[str], loss_keys: set[str], n_steps: int, eta: float, bar, bar_task,
          run_dir: Path) -> None:
-    with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    try:
+        with open(run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:  # a full disk mid-run: an error, never a silently missing record
+        raise _unwritable(run_dir, e) from None
     shown = " ".join(f"{k} {rec[k]:.4f}" for k in keys if k in rec)
     info = f"{shown} lr {rec['lr']:.2e} {rec['img_per_s']:.0f} img/s"
     if rec.get("skipped_steps"):

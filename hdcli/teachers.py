@@ -277,6 +277,20 @@ def _build(spec: TeacherSpec, *, cache_dir, offline: bool | None, **kwargs) -> n
                              cache_dir=str(cache) if cache_dir else None, **kwargs)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         raise _missing(spec, cache, why="not found while loading") from e
+    except HDError:
+        raise
+    except Exception as e:  # a weights file cut by an interrupted copy or download (issue 10)
+        from pickle import UnpicklingError
+
+        from safetensors import SafetensorError
+
+        msg = str(e).strip()
+        if isinstance(e, SafetensorError | UnpicklingError | EOFError) or "PytorchStreamReader" in msg:
+            raise HDError(f"cannot read the weights of teacher '{spec.name}' ({spec.tag}): "
+                          f"{(msg.splitlines() or [type(e).__name__])[0][:200]}",
+                          "the file is truncated or corrupt (an interrupted copy or download?): copy or fetch "
+                          "it again") from e
+        raise
 
 
 def _create_model(tag: str, **kwargs) -> nn.Module:
