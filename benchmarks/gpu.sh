@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Issue 9's GPU figures in one command, under 8 minutes on one H100/H200:
+#   ViT-B/16 student, MAE ViT-B/16 + CLIP ViT-B/16 architectures (random weights, nothing downloaded),
+#   batch 256, bf16 autocast: eager at drop ratio 0.3 (67/196 kept) and 0 (all kept), a short eager run
+#   that counts host syncs per step (--sync-debug), then torch.compile'd at 0.3 and 0. Each run is cut
+#   to what is left of a 450 s budget.
+#
+#   bash benchmarks/gpu.sh                 # results in $OUT (device tool) or benchmarks/results/
+#
+# Last, if time is left: `hd bench data` on synthetic ImageNet-sized JPEG shards with all CPUs but one.
+# Writes 3 files: gpu_results.json (every run's `hd bench ... --json` object, by name),
+# gpu_summary.md (a markdown table for docs/performance.md) and gpu.log (stderr of all runs).
+# Needs python3 with torch, timm, accelerate, typer, rich, safetensors, huggingface_hub, webdataset and
+# braceexpand. The device image lacks the last two: carry them as wheels in .whl/ (pure Python), made
+# here with
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl webdataset==1.0.2 braceexpand==0.1.7
+# (two small pure-Python wheels, checked to download) and pass carry=[".whl"]; this script installs them
+# into /tmp/site. Then, e.g.: run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=540).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RES=${OUT:-benchmarks/results}
+mkdir -p "$RES"
+TMP=$(mktemp -d)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/hd-inductor}
+LOG="$RES/gpu.log"
+: > "$LOG"
+
+if ! $PY -c "import webdataset, braceexpand" 2>/dev/null; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      || { echo "installing .whl/ failed" | tee -a "$LOG"; exit 3; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "python3 lacks webdataset/braceexpand and .whl/ holds no wheels: see the header of $0" | tee -a "$LOG"
+    exit 3
+  fi
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$LOG"
+$PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" \
+  2>&1 | tee -a "$LOG"
+
+COMMON=(--student vit_base_patch16_224 --teachers mae,clip --batch-size 256 --dtype bf16 --steps 20)
+COMPILE=--compile
+if [ -n "${HD_GPU_SH_SMOKE:-}" ]; then  # check this script's flow on a CPU: tiny models, nothing compiled
+  COMMON=(--cpu --img-size 32 --patch-size 4 --dim 48 --depth 12 --heads 3 --batch-size 2 --steps 2 --gemm-size 64)
+  COMPILE=
+fi
+START=$SECONDS
+BUDGET=${HD_GPU_SH_BUDGET:-450}  # seconds for all runs: the script ends well inside 8 minutes
+run() {  # run NAME TIMEOUT_S ARGS...  (the timeout is cut to what is left of BUDGET)
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  if [ "$limit" -lt 30 ]; then echo "== $name: skipped, budget spent" | tee -a "$LOG"; return; fi
+  echo "== $name: hd bench distill ${COMMON[*]} $* --json  ($((SECONDS - START)) s elapsed, limit $limit s)" | tee -a "$LOG"
+  timeout "$limit" $PY -m hdcli bench distill "${COMMON[@]}" "$@" --json > "$TMP/$name.json" 2>> "$LOG"
+  local rc=$?
+  echo "== $name: rc $rc after $((SECONDS - START)) s" | tee -a "$LOG"
+}
+run eager_keep34 100 --drop-ratio 0.3 --warmup 5 --reference
+run eager_keep100 90 --drop-ratio 0 --warmup 5
+run syncs_keep34 60 --drop-ratio 0.3 --warmup 3 --steps 3 --sync-debug --no-breakdown --no-gemm
+run compiled_keep34 200 --drop-ratio 0.3 --warmup 8 $COMPILE
+run compiled_keep100 200 --drop-ratio 0 --warmup 8 $COMPILE
+
+# Can this machine's CPUs decode as fast as the GPU trains? Synthetic 500x375 JPEG shards, training transform.
+left=$((BUDGET + 20 - (SECONDS - START)))
+if [ "$left" -ge 45 ]; then
+  W=$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))
+  echo "== data: $W workers ($((SECONDS - START)) s elapsed, limit $left s)" | tee -a "$LOG"
+  timeout "$left" bash -c "$PY benchmarks/jpeg_shards.py $TMP/shards --images 1024 >> '$LOG' 2>&1 && \
+    $PY -m hdcli bench data $TMP/shards --workers $W --batch-size 128 --batches 12 --warmup 3 --json \
+    > '$TMP/data.json' 2>> '$LOG'"
+  echo "== data: rc $? after $((SECONDS - START)) s" | tee -a "$LOG"
+else
+  echo "== data: skipped, budget spent" | tee -a "$LOG"
+fi
+
+$PY - "$TMP" "$RES" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+tmp, res = Path(sys.argv[1]), Path(sys.argv[2])
+runs = {}
+for f in sorted(tmp.glob("*.json")):  # data.json: hd bench data
+    try:
+        runs[f.stem] = json.loads(f.read_text())
+    except ValueError:
+        runs[f.stem] = None
+(res / "gpu_results.json").write_text(json.dumps(runs, indent=1) + "\n")
+rows = ["| run | keep | compiled | img/s | step ms | TFLOP/s | MFU | of matmul | peak mem GB | MIM / feat / student / optim ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+dev = ""
+for name in ("eager_keep34", "eager_keep100", "compiled_keep34", "compiled_keep100"):
+    r = runs.get(name)
+    if not r:
+        rows.append(f"| {name} | failed or timed out (see gpu.log) | | | | | | | | |")
+        continue
+    c = r["config"]
+    dev = c["device"]
+    b = r["breakdown_ms"] or {}
+    parts = " / ".join(f"{b[k]:.1f}" for k in ("mim_teacher", "feat_teacher", "student", "optimizer")) if b else "-"
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    og = f"{100 * r['of_gemm']:.1f}%" if r["of_gemm"] is not None else "-"
+    rows.append(f"| {name} | {c['n_keep']}/{c['n_patches']} | {'yes' if c['compile'] else 'no'} | {r['images_per_s']:,.0f} | "
+                f"{r['step_ms']:.1f} | {r['tflops']:.1f} | {mfu} | {og} | {r['peak_mem_mb'] / 1024:.1f} | {parts} |")
+extra = []
+a, z = runs.get("eager_keep34"), runs.get("eager_keep100")
+if a and z:
+    extra.append(f"- eager step keep 34% / keep 100%: {a['step_ms'] / z['step_ms']:.3f} (FLOP model "
+                 f"{a['flops_per_image']['total'] / z['flops_per_image']['total']:.3f})")
+    extra.append(f"- eager step / sum of parts: {a['step_over_parts']:.3f}; MIM teacher / plain timm blocks: "
+                 f"{a.get('mim_over_timm', float('nan')):.3f}; {a['config']['dtype']} matmul {a['gemm_tflops']:.1f} TFLOP/s")
+ca, cz = runs.get("compiled_keep34"), runs.get("compiled_keep100")
+if ca and cz:
+    extra.append(f"- compiled step keep 34% / keep 100%: {ca['step_ms'] / cz['step_ms']:.3f}")
+d = runs.get("data")
+if d:
+    extra.append(f"- data: {d['images_per_s']:,.0f} images/s with {d['workers']} workers "
+                 f"({d['per_worker_images_per_s']:,.0f} per worker), 500x375 JPEG -> 224 px training transform")
+s = runs.get("syncs_keep34")
+if s and "host_syncs" in s:
+    extra.append(f"- host syncs per step: {s['host_syncs']['per_step']:.1f} at {s['host_syncs']['where']}")
+text = f"Device: {dev}\n\n" + "\n".join(rows) + "\n\n" + "\n".join(extra) + "\n"
+(res / "gpu_summary.md").write_text(text)
+print(text)
+EOF
+rm -rf "$TMP"
+echo "total $((SECONDS - START)) s; results in $RES/gpu_results.json, $RES/gpu_summary.md, $RES/gpu.log"

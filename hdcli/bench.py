@@ -1,0 +1,723 @@
+"""Throughput, achieved FLOP/s and MFU of a distillation step; decode + augment speed of a data source.
+
+``distill`` times the REAL training step: it runs ``hdcli.engine.train`` on a ``hdcli.distill.DistillTask``
+(random weights of the real architectures, ``random:ARCH`` teachers) whose data is one synthetic uint8
+batch, and reads the clock where the engine asks the task for the loss of each step. The time between two
+such calls is one whole engine step (data hand-over, device copy, normalisation, teachers, student
+forward + backward, clipping, AdamW, the engine's bookkeeping). The run is stopped after the last timed
+step (nothing is saved). Each part is also timed alone on the same models, with the method's own code:
+
+- ``mim_teacher``: the MIM teacher pass (blocks up to the last one entered, keep set, q·kᵀ on kept tokens)
+  = ``Distiller._teacher_pass`` of a view holding only the relations target;
+- ``feat_teacher``: the feature teacher pass (all blocks, gather, per-token LayerNorm) = the same for a view
+  holding only the features target (its keep set is a random one of the same size);
+- ``student``: the hybrid's forward with its teacher pass replaced by a cached result, + backward;
+- ``optimizer``: gradient clipping + AdamW (fused where available) + zero_grad, as the engine does.
+
+Achieved FLOP/s come from the analytic model (``hdcli.flops``); MFU divides them by the device's dense
+bf16 peak (``PEAK_TFLOPS`` or ``--peak-tflops``); ``of_gemm`` divides them by a large matmul measured in
+the same run and dtype (an "MFU" for any device, CPUs included).
+
+On the CPU (``interleave``, the default there) the parts, the reference and the matmul run between every
+two engine steps, outside the steps' timing, so that all figures see the same load of the shared cores;
+every step is timed and medians (of ratios of neighbouring figures, for the ratios) are reported. On
+CUDA the parts run after the timed window and the step time is the mean over the window, synchronised
+only at its ends (the host runs ahead as in training). ``compare_drop_ratio`` alternates the engine's
+steps between the method and the same method at another drop ratio (``_Alternate``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from hdcli.errors import HDError, did_you_mean
+
+DTYPES = ("bf16", "fp16", "fp32")
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PARTS = ("mim_teacher", "feat_teacher", "student", "optimizer")
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. Matched against
+# torch.cuda.get_device_name(), first hit wins (so the PCIe/NVL H100 variants come before plain "H100").
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM5
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("RTX 4090", 165.0),
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU by name (``PEAK_TFLOPS``), None when unknown (CPUs included)."""
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu} CPU, {torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])
+
+
+def timed(fn: Callable[[], object], *, reps: int, warmup: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed ones (device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def median_ms(seconds: Sequence[float]) -> float:
+    return 1e3 * statistics.median(seconds)
+
+
+# ---------------------------------------------------------------- large-matmul throughput
+
+def measure_gemm(device: torch.device, dtype: str = "fp32", *, size: int | None = None, reps: int = 5) -> dict:
+    """FLOP/s of a square ``size``² matmul in ``dtype`` (8192 on GPUs, 2048 on CPUs): the device's own
+    attainable peak. Returns {"tflops" (median), "size", "ms"}."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    tdt = TORCH_DTYPES[dtype]
+    if device.type == "cpu" and dtype == "fp16":
+        tdt = torch.float32  # fp16 autocast does not exist on the CPU; the step runs fp32 there
+    a = torch.randn(size, size, device=device, dtype=tdt)
+    b = torch.randn(size, size, device=device, dtype=tdt)
+    secs = timed(lambda: a @ b, reps=reps, warmup=1, device=device)
+    s = statistics.median(secs)
+    return {"tflops": 2 * size**3 / s / 1e12, "size": size, "ms": 1e3 * s}
+
+
+# ---------------------------------------------------------------- what to build
+
+@dataclass
+class DistillBench:
+    """Settings of ``hd bench distill`` (see the command's help; defaults = the paper's ViT-B setting)."""
+
+    student: str = "vit_base_patch16_224"
+    teachers: tuple[str, str] = ("mae", "clip")  # MIM teacher first: registry names or timm architectures
+    batch_size: int | None = None  # None: 64 on CUDA, 8 on the CPU
+    drop_ratio: float = 0.3
+    masking: str = "progressive"
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on the CPU
+    compile: bool = False
+    steps: int | None = None  # None: 20 on CUDA, 3 on the CPU
+    warmup: int | None = None  # None: 5 on CUDA, 1 on the CPU
+    img_size: int = 224
+    patch_size: int | None = None
+    depth: int | None = None
+    dim: int | None = None
+    heads: int | None = None
+    relation_heads: str = "auto"  # auto: match when head counts agree, else mean
+    cpu: bool = False
+    peak_tflops: float | None = None
+    breakdown: bool = True
+    reference: bool = False  # also time a plain timm forward over the MIM teacher's blocks
+    reference_reps: int = 1  # pairs (MIM teacher part, plain timm) timed between two steps
+    compare_drop_ratio: float | None = None  # alternate engine steps with a method at this drop ratio
+    gemm: bool = True
+    gemm_size: int | None = None
+    interleave: bool | None = None  # None: on the CPU yes, on CUDA no
+    seed: int = 0
+    sync_debug: bool = False  # CUDA: count host syncs in the timed steps (torch.cuda.set_sync_debug_mode)
+    extra: dict = field(default_factory=dict)
+
+    def overrides(self) -> dict:
+        """timm kwargs applied to the student and both teachers (tiny configs for the CPU)."""
+        kw = {"embed_dim": self.dim, "depth": self.depth, "num_heads": self.heads}
+        return {k: v for k, v in kw.items() if v is not None}
+
+
+def teacher_arch(name: str) -> str:
+    """The architecture (timm name, with pretrained tag for registry names: it carries mean/std) of a teacher
+    given as a registry name or a timm architecture. Weights are never loaded here."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    from hdcli import teachers
+
+    if name.lower() in teachers.REGISTRY:
+        return teachers.REGISTRY[name.lower()].tag
+    arch, _ = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        near = did_you_mean(name, [*teachers.names(), *timm.list_models("vit_*")])
+        raise HDError(f"unknown teacher architecture {name!r}: give a registry name ({', '.join(teachers.names())}) "
+                      "or a timm architecture such as vit_small_patch16_224", near)
+    return name
+
+
+def _check(b: DistillBench, device: torch.device) -> None:
+    import timm
+
+    from hdcli.masking import check_drop_ratio, check_strategy
+
+    if not timm.is_model(b.student):
+        raise HDError(f"unknown student architecture {b.student!r}",
+                      did_you_mean(b.student, timm.list_models("vit_*")) or "e.g. vit_base_patch16_224")
+    if len(b.teachers) != 2:
+        raise HDError(f"--teachers needs two names (MIM teacher first, then the feature teacher), got {list(b.teachers)}",
+                      "e.g. --teachers mae,clip")
+    for what, v, lo in (("--batch-size", b.batch_size, 1), ("--steps", b.steps, 1), ("--warmup", b.warmup, 1),
+                        ("--img-size", b.img_size, 1)):
+        if v < lo:
+            raise HDError(f"{what} must be at least {lo}, got {v}")
+    check_drop_ratio(b.drop_ratio)
+    check_strategy(b.masking)
+    if b.dtype not in DTYPES:
+        raise HDError(f"unknown dtype {b.dtype!r}", did_you_mean(str(b.dtype), DTYPES))
+    if b.dtype == "fp16" and device.type != "cuda":
+        raise HDError("fp16 needs a CUDA GPU", "use --dtype bf16 or fp32 on the CPU")
+    if b.relation_heads not in ("auto", "match", "mean"):
+        raise HDError(f"unknown --relation-heads {b.relation_heads!r}", did_you_mean(b.relation_heads, ("auto", "match", "mean")))
+    if b.compare_drop_ratio is not None:
+        check_drop_ratio(b.compare_drop_ratio)
+    if b.reference_reps < 1:
+        raise HDError(f"reference_reps must be at least 1, got {b.reference_reps}")
+    if b.gemm_size is not None and b.gemm_size < 1:
+        raise HDError(f"--gemm-size must be at least 1, got {b.gemm_size}")
+    if b.peak_tflops is not None and not b.peak_tflops > 0:
+        raise HDError(f"--peak-tflops must be > 0, got {b.peak_tflops}")
+
+
+def _config(b: DistillBench, mim_arch: str, feat_arch: str):
+    """The DistillConfig of the benchmarked run: the paper's defaults, random-weight teachers, tiny overrides."""
+    from hdcli import flops
+    from hdcli.config import DistillConfig, validate
+    from hdcli.method import default_blocks
+
+    over = b.overrides()
+    tkw = {**over, **({"patch_size": b.patch_size} if b.patch_size else {})}
+    mim = flops.arch_dims(mim_arch, img_size=b.img_size, **tkw)
+    student = flops.arch_dims(b.student, img_size=b.img_size, **tkw)
+    rel_t, mask_t = default_blocks(mim.depth)
+    rel_s, _ = default_blocks(student.depth)
+    heads = b.relation_heads
+    if heads == "auto":
+        heads = "match" if mim.heads == student.heads else "mean"
+    per = 2 if b.compare_drop_ratio is not None else 1
+    n = per * (b.warmup + b.steps) + 1  # the engine is stopped at the start of the last step
+    cfg = DistillConfig()
+    cfg.train.batch_size = b.batch_size
+    cfg.train.steps = n
+    cfg.train.log_every = n
+    cfg.train.save_every = n
+    cfg.train.mixed_precision = MIXED_PRECISION[b.dtype]
+    cfg.train.compile = b.compile
+    cfg.train.cpu = b.cpu
+    cfg.train.seed = b.seed
+    cfg.optim.warmup_steps = 1
+    cfg.data.img_size = b.img_size
+    cfg.data.num_workers = 0
+    cfg.student.arch = b.student
+    cfg.student.patch_size = b.patch_size
+    cfg.student.kwargs = dict(over)
+    d = cfg.distill
+    d.teachers = [f"random:{mim_arch}", f"random:{feat_arch}"]
+    d.teacher_kwargs = dict(tkw)
+    d.relation_blocks = list(rel_t)
+    d.student_relation_blocks = None if tuple(rel_s) == tuple(rel_t) else list(rel_s)
+    d.mask_blocks = list(mask_t)
+    d.drop_ratio = b.drop_ratio
+    d.masking = b.masking
+    d.relation_heads = heads
+    validate(cfg)
+    return cfg
+
+
+class _Stop(Exception):
+    """Raised from the task at the start of the step after the last timed one: the engine stops there."""
+
+
+class _Batches:
+    """The same host batch every step: compute is measured, not decoding (``hd bench data`` does that)."""
+
+    def __init__(self, batch, n: int):
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield self.batch
+
+
+@dataclass
+class _Clock:
+    """ends[i]: the engine asks for step i's loss (step i-1 is over); starts[i]: step i starts (after any
+    work done between the steps). Step i lasted ends[i+1] - starts[i]."""
+
+    ends: list[float] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)
+
+    def step(self, i: int) -> float:
+        return self.ends[i + 1] - self.starts[i]
+
+
+class _Alternate(torch.nn.Module):
+    """Two methods sharing one student (and the teachers); ``which`` picks the one a forward runs. The
+    engine trains it like any method: its parameters are the student and both methods' heads."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.a, self.b = a, b
+        self.which = 0
+
+    @property
+    def student(self):
+        return self.a.student
+
+    @property
+    def teachers(self):
+        return self.a.teachers
+
+    def forward(self, images):
+        return (self.b if self.which else self.a)(images)
+
+
+def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sync_at: set[int],
+                between: Callable[[object, int], None] | None = None, which: Callable[[int], int] | None = None,
+                compare_drop_ratio: float | None = None, debug_from: int | None = None):
+    """A DistillTask (the real one: same models, method and loss) fed by ``batch``. At the start of every
+    step's loss it reads the clock, runs ``between(method, step)`` (outside the timed step) and reads the
+    clock again; at call ``stop_at`` it raises _Stop. With ``compare_drop_ratio`` the task's module
+    alternates between its method and the same method at that drop ratio (``which(step)``: 0 or 1).
+    ``debug_from``: from that step on, CUDA host syncs raise warnings (``torch.cuda.set_sync_debug_mode``)."""
+    import copy
+
+    from hdcli.distill import DistillTask, build_method
+
+    class BenchTask(DistillTask):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.method = self.model
+            if compare_drop_ratio is not None:
+                dc = copy.deepcopy(cfg.distill)
+                dc.drop_ratio = compare_drop_ratio
+                teachers = self.method.teachers
+                other = build_method(self.method.student, {dc.teachers[0]: teachers["mim"],
+                                                           dc.teachers[1]: teachers["feature"]}, dc)
+                self.model = _Alternate(self.method, other)
+
+        def train_loader(self, *, rank: int, world_size: int, seed: int):
+            return _Batches(batch, cfg.train.steps)
+
+        def loss(self, model, b):
+            i = len(clock.ends)
+            device = b[0].device
+            if debug_from is not None and i == stop_at:
+                torch.cuda.set_sync_debug_mode("default")  # before our own synchronisation
+            if sync_every or i in sync_at:
+                _sync(device)
+            clock.ends.append(time.perf_counter())
+            if debug_from is not None and i == debug_from:
+                torch.cuda.set_sync_debug_mode("warn")
+            if i == stop_at:
+                raise _Stop
+            if between is not None:
+                between(self.method, i)
+                _sync(device)
+            if which is not None:
+                self.model.which = which(i)
+            clock.starts.append(time.perf_counter())
+            return super().loss(model, b)
+
+        def export(self, model, out_dir) -> None:  # never reached: the run stops first
+            pass
+
+    holder: dict = {}
+
+    def make():
+        holder["task"] = BenchTask(cfg)
+        return holder["task"]
+
+    return make, holder
+
+
+def _views(method):
+    """Single-teacher Distillers over the hybrid's own modules: their ``_teacher_pass`` is one teacher's part."""
+    from hdcli.method import Distiller, Target
+
+    rel = next(t for t in method.targets if t.kind == "relations")
+    common = dict(mask_blocks=method.mask_blocks, drop_ratio=method.drop_ratio, beta=method.beta,
+                  relation_heads=method.relation_heads)
+    mim = Distiller(method.student, {"mim": method.teachers["mim"]},
+                    [Target("mim", "relations", rel.blocks, student_blocks=rel.s_blocks)],
+                    mask_teacher="mim", masking=method.masking, **common)
+    feat_masking = "none" if method.n_keep == method.num_patches else "random"
+    feat = Distiller(method.student, {"feature": method.teachers["feature"]}, [Target("feature", "features")],
+                     masking=feat_masking, **common)
+    return mim, feat
+
+
+class Parts:
+    """Each part of a step timed alone on the benchmarked method's own modules (module docstring), plus
+    optionally a plain timm forward over the MIM teacher's blocks (``timm_blocks``) and a large matmul
+    (``gemm``). ``once()`` runs each of them one time; ``samples`` holds the seconds of each recorded run."""
+
+    def __init__(self, method, images_u8: torch.Tensor, cfg, *, dtype: str, breakdown: bool = True,
+                 reference: bool = False, reference_reps: int = 1, gemm_size: int | None = None):
+        from hdcli import engine
+        from hdcli.data import normalize
+
+        self.method, self.cfg, self.dtype = method, cfg, dtype
+        device = self.device = next(method.parameters()).device
+        self.images = normalize(images_u8.to(device))
+        self.amp = _autocast(device, dtype)
+        mim_view, feat_view = (v.to(device) for v in _views(method))
+        self.fns: dict[str, Callable[[], None]] = {}
+        if breakdown:
+            oc = cfg.optim
+            self.params = [p for p in method.parameters() if p.requires_grad]
+            self.opt = torch.optim.AdamW(engine.param_groups_weight_decay(method, oc.weight_decay),
+                                         lr=engine.scaled_lr(oc.blr, cfg.train.batch_size, oc.lr),
+                                         betas=tuple(oc.betas), eps=oc.eps,
+                                         fused=True if engine._fused_ok(device) else None)
+            self.clip = oc.clip_grad if oc.clip_grad else float("inf")
+            with torch.no_grad(), self.amp:
+                self.cached = method._teacher_pass(self.images)
+            self.fns["mim_teacher"] = lambda: self._teacher(mim_view)
+            self.fns["feat_teacher"] = lambda: self._teacher(feat_view)
+            self.fns["student"] = self._student
+            self.fns["optimizer"] = self._optimizer
+        self.pairs: dict[str, Callable[[], None]] = {}
+        self.reference_reps = reference_reps
+        if reference:
+            teacher = method.teachers["mim"]
+            x = mim_view._teachers["mim"].prepare(self.images)
+            last = self._last_block(method, mim_view)
+
+            def plain():
+                with torch.no_grad(), self.amp:
+                    teacher.forward_intermediates(x, indices=[last], stop_early=True, intermediates_only=True,
+                                                  output_fmt="NLC")
+
+            self.pairs = {"ref_mim_teacher": lambda: self._teacher(mim_view), "timm_blocks": plain}
+        if gemm_size is not None:
+            n = gemm_size or (8192 if device.type == "cuda" else 2048)
+            tdt = TORCH_DTYPES["fp32" if device.type == "cpu" and dtype == "fp16" else dtype]
+            a, bm = (torch.randn(n, n, device=device, dtype=tdt) for _ in range(2))
+            self.gemm_size, self.gemm_flops = n, 2 * n**3
+            self.fns["gemm"] = lambda: a @ bm
+        self.samples: dict[str, list[float]] = {k: [] for k in (*self.fns, *self.pairs)}
+
+    @staticmethod
+    def _last_block(method, mim_view) -> int:
+        rel = next(t for t in method.targets if t.kind == "relations")
+        enter = set(rel.blocks)
+        if mim_view._needs_mask_hiddens:
+            enter |= set(method.mask_blocks if method.masking == "progressive" else method.mask_blocks[-1:])
+        return max(enter) - 1  # blocks 0..max(enter)-1 run
+
+    def _teacher(self, view) -> None:
+        with torch.no_grad(), self.amp:
+            view._teacher_pass(self.images)
+
+    def _student(self) -> None:
+        m = self.method
+        m._teacher_pass = lambda _images: self.cached  # the hybrid's forward without its teachers
+        try:
+            with self.amp:
+                out = m(self.images)
+            out.loss.backward()
+        finally:
+            del m._teacher_pass
+
+    def _optimizer(self) -> None:
+        gn = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.found_inf = (~torch.isfinite(gn)).float()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _run(self, k: str, fn: Callable[[], None], record: bool) -> None:
+        _sync(self.device)
+        t = time.perf_counter()
+        fn()
+        _sync(self.device)
+        if record:
+            self.samples[k].append(time.perf_counter() - t)
+
+    def once(self, record: bool = True) -> None:
+        """Each part once, then ``reference_reps`` (MIM part, plain timm) pairs in alternating order, then
+        the matmul (``samples[k][j]`` of the pairs are neighbours in time)."""
+        was_training = self.method.training
+        self.method.train()
+        for k, fn in self.fns.items():
+            if k != "gemm":
+                self._run(k, fn, record)
+        for r in range(self.reference_reps if self.pairs else 0):
+            for k, fn in (self.pairs.items() if r % 2 == 0 else reversed(self.pairs.items())):
+                self._run(k, fn, record)
+        if "gemm" in self.fns:
+            self._run("gemm", self.fns["gemm"], record)
+        self.method.train(was_training)
+        if "optimizer" not in self.fns:
+            for p in self.method.parameters():
+                p.grad = None
+
+    def medians_ms(self) -> dict[str, float]:
+        return {k: median_ms(v) for k, v in self.samples.items() if v}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: max memory allocated by tensors; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def distill(b: DistillBench) -> dict:
+    """Run the benchmark; return the JSON object of ``hd bench distill --json`` (see the module docstring).
+
+    With ``b.interleave`` (default on the CPU, where other processes share the cores) the parts, the
+    reference and the matmul run once between every two engine steps (outside their timing), so all
+    figures see the same machine load; otherwise they run after the engine's timed window.
+    """
+    from hdcli import engine, flops
+
+    cuda = torch.cuda.is_available() and not b.cpu
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    b.dtype = b.dtype or ("bf16" if cuda else "fp32")
+    b.batch_size = (64 if cuda else 8) if b.batch_size is None else b.batch_size
+    b.steps = (20 if cuda else 3) if b.steps is None else b.steps
+    b.warmup = (5 if cuda else 1) if b.warmup is None else b.warmup
+    _check(b, device)
+    interleave = (not cuda) if b.interleave is None else b.interleave
+    mim_arch, feat_arch = (teacher_arch(t) for t in b.teachers)
+    cfg = _config(b, mim_arch, feat_arch)
+
+    g = torch.Generator().manual_seed(b.seed)
+    images = torch.randint(0, 256, (b.batch_size, 3, b.img_size, b.img_size), dtype=torch.uint8, generator=g)
+    if cuda:
+        images = images.pin_memory()  # as a DataLoader with pin_memory=True hands it over
+    batch = (images, torch.zeros(b.batch_size, dtype=torch.long))
+
+    compare = b.compare_drop_ratio is not None
+    per = 2 if compare else 1  # with a comparison, steps alternate: even = this method, odd = the other
+    first, last = per * b.warmup, per * (b.warmup + b.steps)  # timed steps: first .. last-1
+    interleave = interleave or compare  # alternating steps are timed one by one
+    extras = b.breakdown or b.reference or b.gemm
+    state: dict = {}
+
+    def make_parts(method) -> Parts:
+        return Parts(method, images, cfg, dtype=b.dtype, breakdown=b.breakdown, reference=b.reference,
+                     reference_reps=b.reference_reps, gemm_size=(b.gemm_size or 0) if b.gemm else None)
+
+    def between(method, i: int) -> None:
+        if i % per:
+            return  # only before this method's own steps
+        if i == first - per:
+            state["parts"] = make_parts(method)
+        if i >= first - per:
+            state["parts"].once(record=i >= first)
+
+    clock = _Clock()
+    debug = cuda and b.sync_debug
+    make, holder = _bench_task(cfg, batch, clock, stop_at=last, sync_every=interleave or not cuda,
+                               sync_at={first, last}, between=between if interleave and extras else None,
+                               which=(lambda i: i % 2) if compare else None,
+                               compare_drop_ratio=b.compare_drop_ratio, debug_from=first if debug else None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory(prefix="hd-bench-") as run_dir, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always" if debug else "default")
+        try:
+            engine.train(make, cfg, run_dir)
+        except _Stop:
+            pass
+        finally:
+            if debug:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in caught:
+        if w not in syncs:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if len(clock.ends) <= last:
+        raise HDError("the engine stopped before the benchmark's last step", "run with --debug to see why")
+    peak_mem = peak_memory_mb(device)
+    step_s = [clock.step(i) for i in range(first, last, per)]
+    per_step = interleave or not cuda
+    step_ms = median_ms(step_s) if per_step else 1e3 * (clock.ends[last] - clock.starts[first]) / b.steps
+
+    method = holder["task"].method
+    if extras and not interleave:
+        parts = state["parts"] = make_parts(method)
+        for i in range(min(b.warmup, 2) + b.steps):
+            parts.once(record=i >= min(b.warmup, 2))
+    model = flops.of_method(method)
+    tflops = model.total * b.batch_size / (step_ms / 1e3) / 1e12
+
+    result: dict = {
+        "images_per_s": b.batch_size / (step_ms / 1e3),
+        "step_ms": step_ms,
+        "tflops": tflops,
+        "mfu": None,
+        "peak_mem_mb": peak_mem,
+        "breakdown_ms": None,
+        "gemm_tflops": None,
+        "of_gemm": None,
+    }
+    samples = {"step": [1e3 * s for s in step_s]}
+    gemm_size = None
+    if extras:
+        parts = state["parts"]
+        med = parts.medians_ms()
+        samples.update({k: [1e3 * s for s in v] for k, v in parts.samples.items()})
+        paired = interleave  # parts sample j ran right before timed step j
+        if b.breakdown:
+            result["breakdown_ms"] = {k: med[k] for k in PARTS}
+            total = sum(result["breakdown_ms"].values())
+            result["parts_sum_ms"] = total
+            result["step_over_parts"] = step_ms / total
+            if paired:
+                sums = [sum(x) for x in zip(*(parts.samples[k] for k in PARTS), strict=True)]
+                result["step_over_parts"] = statistics.median(x / y for x, y in zip(step_s, sums, strict=True))
+        if b.reference:
+            result["reference_ms"] = {"mim_teacher": med["ref_mim_teacher"], "timm_blocks": med["timm_blocks"]}
+            result["mim_over_timm"] = statistics.median(
+                m / t for m, t in zip(parts.samples["ref_mim_teacher"], parts.samples["timm_blocks"], strict=True))
+        if b.gemm:
+            gemm_size = parts.gemm_size
+            result["gemm_tflops"] = parts.gemm_flops / (med["gemm"] / 1e3) / 1e12
+            result["of_gemm"] = tflops / result["gemm_tflops"]
+            if paired:
+                step_flops = model.total * b.batch_size
+                result["of_gemm"] = statistics.median(step_flops * g / (x * parts.gemm_flops)
+                                                      for x, g in zip(step_s, parts.samples["gemm"], strict=True))
+    name = device_name(device)
+    peak = b.peak_tflops or (peak_tflops(name) if cuda else None)
+    result["mfu"] = tflops / peak if peak else None
+    if debug:
+        where: dict[str, int] = {}
+        for w in syncs:
+            key = f"{os.path.relpath(w.filename)}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
+        result["host_syncs"] = {"per_step": len(syncs) / b.steps, "where": where}
+    result["flops_per_image"] = model.as_dict()
+    result["gflops_per_image"] = model.total / 1e9
+    if compare:
+        other_s = [clock.step(i) for i in range(first + 1, last, 2)]
+        samples["compare_step"] = [1e3 * x for x in other_s]
+        other = holder["task"].model.b
+        result["compare"] = {
+            "drop_ratio": b.compare_drop_ratio, "n_keep": other.n_keep, "step_ms": median_ms(other_s),
+            "gflops_per_image": flops.of_method(other).total / 1e9,
+            # neighbouring steps, same load: the median of their ratios
+            "step_over_compare": statistics.median(x / y for x, y in zip(step_s, other_s, strict=True)),
+        }
+    result["samples_ms"] = samples
+    result["config"] = {
+        "student": b.student, "teachers": list(b.teachers), "teacher_archs": [mim_arch, feat_arch],
+        "batch_size": b.batch_size, "img_size": b.img_size, "overrides": {**b.overrides(), "patch_size": b.patch_size},
+        "drop_ratio": b.drop_ratio, "masking": b.masking, "n_patches": method.num_patches, "n_keep": method.n_keep,
+        "keep_fraction": method.n_keep / method.num_patches, "relation_blocks": list(cfg.distill.relation_blocks),
+        "mask_blocks": list(cfg.distill.mask_blocks), "relation_heads": cfg.distill.relation_heads,
+        "dtype": b.dtype, "compile": b.compile, "steps": b.steps, "warmup": b.warmup,
+        "step_time": "median over steps" if per_step else "mean over the window (synchronised at its ends)",
+        "interleaved": bool(interleave and extras),
+        "ratios": "medians of ratios of neighbouring measurements" if interleave else "ratios of medians",
+        "breakdown": "eager (not compiled)" if b.compile else "as the step", "device": name,
+        "peak_tflops": peak, "gemm_size": gemm_size,
+        "peak_mem": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "pinned_input": cuda,
+        "load": _loadavg(), **b.extra,
+    }
+    return result
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------- data
+
+def data(source: str | None, *, img_size: int = 224, batch_size: int = 64, workers: int | None = None,
+         batches: int = 20, warmup: int = 2, split: str = "train") -> dict:
+    """Decode + augment throughput of ``source`` through ``hdcli.data.build_loader`` (training transform:
+    RandomResizedCrop + flip, uint8 out). Returns {"images_per_s", "per_worker_images_per_s", "batch_ms",
+    "workers", "config"}; per worker = total / max(1, workers) (0 workers: the main process decodes)."""
+    from hdcli import data as data_lib
+
+    for what, v in (("--batch-size", batch_size), ("--batches", batches), ("--img-size", img_size)):
+        if v < 1:
+            raise HDError(f"{what} must be at least 1, got {v}")
+    if warmup < 0:
+        raise HDError(f"--warmup must be ≥ 0, got {warmup}")
+    workers = data_lib.default_num_workers() if workers is None else workers
+    if workers < 0:
+        raise HDError(f"--workers must be ≥ 0, got {workers}")
+    loader = data_lib.build_loader(source, split=split, img_size=img_size, batch_size=batch_size, train=True,
+                                   num_workers=workers, transform=data_lib.train_transform(img_size),
+                                   epoch_steps=warmup + batches)
+    stamps, sizes = [], []
+    t0 = time.perf_counter()
+    for i, (x, _) in enumerate(loader):
+        if i >= warmup:
+            sizes.append(int(x.shape[0]))
+        stamps.append(time.perf_counter())
+        if i + 1 >= warmup + batches:
+            break
+    if len(stamps) < warmup + batches:
+        raise HDError(f"{source} gave only {len(stamps)} batches", "lower --batches or --batch-size")
+    start = stamps[warmup - 1] if warmup else t0
+    secs = stamps[-1] - start
+    n = sum(sizes)
+    ips = n / secs
+    return {
+        "images_per_s": ips,
+        "per_worker_images_per_s": ips / max(1, workers),
+        "batch_ms": 1e3 * secs / batches,
+        "workers": workers,
+        "bad_samples": loader.bad_samples,
+        "config": {"source": source or "demo", "split": split, "img_size": img_size, "batch_size": batch_size,
+                   "batches": batches, "warmup": warmup, "transform": "train (RandomResizedCrop + flip)",
+                   "threads": torch.get_num_threads(), "load": _loadavg()},
+    }
+
+
+def fmt_num(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"

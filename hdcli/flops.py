@@ -1,0 +1,243 @@
+"""An analytic FLOP model of one Hybrid Distill step, as pure functions of the architectures' dimensions,
+the token count and the keep count (docs/performance.md lists the numbers for the paper's setting).
+
+Convention: 1 multiply-add = 2 FLOPs; only matrix products are counted (linear layers, the patch-embedding
+convolution, attention's q·kᵀ and attn·v, the relations' q·kᵀ), as ``torch.utils.flop_counter`` and MFU
+figures do. Norms, activations, softmax, masking and AdamW are elementwise and left out; the SmoothL1 losses
+are the one elementwise part counted (``LOSS_FLOPS_PER_ELEMENT``), so a reader sees how small they are.
+
+What one image costs in a step (METHOD.md; the engine runs exactly this, ``hdcli.method``):
+
+- MIM teacher: patch embedding of all N patches, then blocks 0..s-1 on all 1+N tokens, where s is the
+  last block it must *enter* (relation blocks and, when it chooses the keep set, mask blocks: s = 10 for
+  relations at 9, 10); blocks after it never run. Then q·kᵀ at each relation block on the 1+n kept tokens
+  (norm1 + the q, k rows of ``qkv`` + the product).
+- Feature teacher: patch embedding + all blocks on 1+N tokens (its final norm is elementwise).
+- Student forward: patch embedding of all N patches (the gather comes after it), all blocks on 1+n tokens,
+  its own q·kᵀ taps at the relation blocks and the linear feature head, all on 1+n tokens.
+- Student backward: 2× the forward (gradients of inputs and of weights), except the patch embedding,
+  whose input (the image) needs no gradient: 1×. Fused (flash) attention kernels also recompute q·kᵀ in
+  the backward; that is work done but not model FLOPs, so it is left out unless ``recompute=True``
+  (``torch.utils.flop_counter`` counts it; the test compares with it that way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+# SmoothL1 forward (difference, abs, compare, square/scale, select, mean) and backward (~4): about 10 per element.
+LOSS_FLOPS_PER_ELEMENT = 10
+
+
+@dataclass(frozen=True)
+class ViTDims:
+    """What the FLOP count needs of a ViT: width, depth, heads × head_dim, MLP hidden width, patch fan-in
+    (in_chans · patch_h · patch_w) and prefix tokens (1: CLS)."""
+
+    dim: int
+    depth: int
+    heads: int
+    head_dim: int
+    mlp_hidden: int
+    patch_in: int
+    prefix: int = 1
+
+    @property
+    def attn_dim(self) -> int:
+        return self.heads * self.head_dim
+
+
+def vit_dims(
+    dim: int, depth: int, heads: int, *, mlp_ratio: float = 4.0, patch: int = 16, in_chans: int = 3
+) -> ViTDims:
+    """ViTDims of a standard ViT: head_dim = dim / heads, MLP hidden = mlp_ratio · dim. ViT-B/16 = vit_dims(768, 12, 12)."""
+    return ViTDims(dim, depth, heads, dim // heads, int(dim * mlp_ratio), in_chans * patch * patch)
+
+
+def dims_of(model) -> ViTDims:
+    """ViTDims of a timm VisionTransformer (read from its modules, so overrides like embed_dim are seen)."""
+    blk = model.blocks[0]
+    proj = model.patch_embed.proj
+    k = proj.kernel_size
+    return ViTDims(
+        dim=int(model.embed_dim),
+        depth=len(model.blocks),
+        heads=int(blk.attn.num_heads),
+        head_dim=int(blk.attn.head_dim),
+        mlp_hidden=int(blk.mlp.fc1.out_features),
+        patch_in=int(proj.in_channels * k[0] * k[1]),
+        prefix=int(getattr(model, "num_prefix_tokens", 1)),
+    )
+
+
+def arch_dims(arch: str, **timm_kwargs) -> ViTDims:
+    """ViTDims of a timm architecture, built on the meta device (no memory, no weights, milliseconds)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
+    return dims_of(model)
+
+
+# ---------------------------------------------------------------- pieces (FLOPs for ONE image)
+
+def linear(tokens: int, d_in: int, d_out: int) -> int:
+    """A linear layer on ``tokens`` rows: 2·T·d_in·d_out."""
+    return 2 * tokens * d_in * d_out
+
+
+def patch_embed(v: ViTDims, n_patches: int) -> int:
+    """The patch-embedding convolution = one linear layer per patch: 2·N·(C·p²)·D."""
+    return linear(n_patches, v.patch_in, v.dim)
+
+
+def attention(v: ViTDims, tokens: int) -> int:
+    """q·kᵀ and attn·v over ``tokens`` tokens: 2 · 2·H·T²·d_h."""
+    return 4 * v.heads * tokens * tokens * v.head_dim
+
+
+def block(v: ViTDims, tokens: int) -> int:
+    """One transformer block on ``tokens`` tokens: qkv, attention, proj, fc1, fc2."""
+    a = v.attn_dim
+    return (linear(tokens, v.dim, 3 * a) + attention(v, tokens) + linear(tokens, a, v.dim)
+            + linear(tokens, v.dim, v.mlp_hidden) + linear(tokens, v.mlp_hidden, v.dim))
+
+
+def relations(v: ViTDims, tokens: int) -> int:
+    """One q·kᵀ tap (``hdcli.vit.relations``): the q and k rows of qkv, then q·kᵀ without attn·v."""
+    return linear(tokens, v.dim, 2 * v.attn_dim) + 2 * v.heads * tokens * tokens * v.head_dim
+
+
+def encoder(v: ViTDims, n_patches: int, tokens: int, blocks: int) -> int:
+    """Patch embedding of all ``n_patches`` patches, then ``blocks`` blocks on ``tokens`` tokens."""
+    return patch_embed(v, n_patches) + blocks * block(v, tokens)
+
+
+# ---------------------------------------------------------------- the step
+
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one distillation step for ONE image, by part (multiply by the batch for a step)."""
+
+    mim_teacher: int  # patch embed + blocks up to the last one entered, on 1+N tokens, + q·kᵀ on 1+n
+    feat_teacher: int  # patch embed + all blocks on 1+N tokens
+    student_fwd: int  # patch embed (N) + blocks, q·kᵀ taps and the feature head on 1+n tokens
+    student_bwd: int  # 2× student_fwd, patch embed 1×
+    loss: int  # SmoothL1 of features and relations (elementwise, ~LOSS_FLOPS_PER_ELEMENT per element)
+    n_patches: int
+    n_keep: int
+
+    @property
+    def teachers(self) -> int:
+        return self.mim_teacher + self.feat_teacher
+
+    @property
+    def student(self) -> int:
+        """Student forward + backward, heads and losses included."""
+        return self.student_fwd + self.student_bwd + self.loss
+
+    @property
+    def total(self) -> int:
+        return self.teachers + self.student
+
+    @property
+    def keep_fraction(self) -> float:
+        return self.n_keep / self.n_patches
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "teachers": self.teachers, "student": self.student, "total": self.total}
+
+
+def hybrid_step(
+    mim: ViTDims,
+    feat: ViTDims,
+    student: ViTDims,
+    *,
+    n_patches: int,
+    n_keep: int,
+    relation_blocks: Sequence[int] = (9, 10),
+    student_relation_blocks: Sequence[int] | None = None,
+    mask_blocks: Sequence[int] = (0, 4, 8),
+    relation_heads: str = "match",
+    recompute: bool = False,
+) -> StepFlops:
+    """FLOPs per image of a Hybrid Distill step (METHOD.md): relations of ``mim`` at ``relation_blocks``,
+    final features of ``feat``, the student on CLS + ``n_keep`` patches.
+
+    ``mask_blocks``: MIM-teacher blocks it must enter to choose the keep set; they only count when tokens
+    are dropped (``n_keep < n_patches``) — pass () for ``random``/``none`` masking, which never look at it.
+    ``recompute``: add the q·kᵀ that fused attention recomputes in each student block's backward.
+    """
+    if not 0 < n_keep <= n_patches:
+        raise ValueError(f"n_keep must lie in 1..{n_patches}, got {n_keep}")
+    s_blocks = tuple(relation_blocks if student_relation_blocks is None else student_relation_blocks)
+    full, kept = mim.prefix + n_patches, student.prefix + n_keep
+    enter = set(relation_blocks) | (set(mask_blocks) if n_keep < n_patches else set())
+    stop = max(enter, default=0)  # blocks 0..stop-1 run: the last one entered needs only its input
+    mim_flops = encoder(mim, n_patches, full, stop) + sum(relations(mim, kept) for _ in relation_blocks)
+    feat_flops = encoder(feat, n_patches, feat.prefix + n_patches, feat.depth)
+    s_pe = patch_embed(student, n_patches)
+    s_fwd = (encoder(student, n_patches, kept, student.depth) + sum(relations(student, kept) for _ in s_blocks)
+             + linear(kept, student.dim, feat.dim))
+    s_bwd = 2 * (s_fwd - s_pe) + s_pe
+    if recompute:
+        s_bwd += student.depth * attention(student, kept) // 2
+    rel_heads = 1 if relation_heads == "mean" else student.heads
+    loss_elems = kept * feat.dim + len(s_blocks) * rel_heads * kept * kept
+    return StepFlops(mim_teacher=mim_flops, feat_teacher=feat_flops, student_fwd=s_fwd, student_bwd=s_bwd,
+                     loss=LOSS_FLOPS_PER_ELEMENT * loss_elems, n_patches=n_patches, n_keep=n_keep)
+
+
+def of_method(method, *, recompute: bool = False) -> StepFlops:
+    """The FLOP model of a built ``hdcli.method.HybridDistill`` (its teachers, student, blocks and keep count)."""
+    from hdcli.errors import HDError
+
+    kinds = sorted((t.teacher, t.kind) for t in method.targets)
+    if kinds != [("feature", "features"), ("mim", "relations")]:
+        raise HDError("the FLOP model covers the hybrid step (features of one teacher + relations of the MIM "
+                      f"teacher); this method has targets {kinds}", "benchmark a HybridDistill")
+    rel = next(t for t in method.targets if t.kind == "relations")
+    teachers = method.teachers
+    needs_mask = method.masking in ("progressive", "direct") and method.n_keep < method.num_patches
+    mask_blocks = (method.mask_blocks if method.masking == "progressive" else method.mask_blocks[-1:]) if needs_mask else ()
+    return hybrid_step(dims_of(teachers["mim"]), dims_of(teachers["feature"]), dims_of(method.student),
+                       n_patches=method.num_patches, n_keep=method.n_keep, relation_blocks=rel.blocks,
+                       student_relation_blocks=rel.s_blocks, mask_blocks=mask_blocks,
+                       relation_heads=method.relation_heads, recompute=recompute)
+
+
+# ---------------------------------------------------------------- cross-check with torch's counter
+
+def flop_counter_mapping() -> dict:
+    """Formulas for ops ``torch.utils.flop_counter`` does not know: the CPU flash-attention kernels that
+    ``F.scaled_dot_product_attention`` (timm's fused attention) runs on the CPU. Same formulas as torch's
+    own for the CUDA kernels. Pass as ``FlopCounterMode(custom_mapping=...)``."""
+    import torch
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return mapping
+
+
+def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
+    """Run ``fn(*args, **kwargs)`` under ``torch.utils.flop_counter.FlopCounterMode`` (CPU attention
+    included); return (total FLOPs, fn's result)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=flop_counter_mapping()) as counter:
+        out = fn(*args, **kwargs)
+    return int(counter.get_total_flops()), out
