@@ -81,9 +81,17 @@ def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Te
         return x
     if x.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 or float images, got {x.dtype}")
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)  # [3, 1, 1]
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)  # [3, 1, 1]
+    m, s = _stats(tuple(mean), tuple(std), x.device)
     return (x.float() / 255.0 - m) / s
+
+
+@lru_cache(maxsize=16)
+def _stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean/std as [3, 1, 1] float32 tensors on ``device``, made once: a fresh host-to-device copy each step
+    would be a blocking transfer in the hot path (issue 9, no host syncs in the step)."""
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)  # [3, 1, 1]
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)  # [3, 1, 1]
+    return m, s
 
 
 def mix_seed(*values: int) -> int:
