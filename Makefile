@@ -38,6 +38,21 @@ REPRODUCE_ARGS = $(if $(OUT),--out "$(OUT)") $(if $(SCALE),--scale $(SCALE)) \
 reproduce-table1 reproduce-table2 reproduce-ablations: install
 	$(BIN)/python -m hdcli reproduce $(patsubst reproduce-%,%,$@) $(REPRODUCE_ARGS)
 
+# The main job (docs/demo.md): two tiny teachers, a hybrid-distilled student, probes, analysis, report
+# (< 10 min on 2 CPU cores, offline). OUT=DIR to write elsewhere; re-running skips finished stages.
+.PHONY: demo mini-study
+demo: install
+	$(BIN)/python -m hdcli demo --out "$(or $(OUT),runs/demo)"
+
+# The mini study (docs/mini-study.md; about an hour on 2 cores): Fashion-MNIST from Debian's
+# dataset-fashion-mnist package, installed here when its files are missing and apt-get may run.
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+mini-study: install
+	@test -f "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" || test -f "$(FMNIST_DIR)/train-images-idx3-ubyte" \
+		|| apt-get install -y dataset-fashion-mnist || sudo -n apt-get install -y dataset-fashion-mnist \
+		|| echo "warning: could not install dataset-fashion-mnist; hd will name what is missing"
+	$(BIN)/python -m hdcli demo --study --data "fashion-mnist:$(FMNIST_DIR)" --out "$(or $(OUT),runs/mini-study)"
+
 clean:
 	rm -rf $(VENV) build *.egg-info hdcli/*.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

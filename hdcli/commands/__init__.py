@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-COMMANDS: list[str] = []
+COMMANDS: list[str] = ["teachers", "pretrain", "distill", "finetune", "analyze", "export", "data", "bench", "reproduce", "report", "demo"]
 
 
 def register_all(app) -> None:
