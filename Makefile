@@ -44,7 +44,7 @@ reproduce-table1 reproduce-table2 reproduce-ablations: install
 demo: install
 	$(BIN)/python -m hdcli demo --out "$(or $(OUT),runs/demo)"
 
-# The mini study (docs/mini-study.md; about an hour on 2 cores): Fashion-MNIST from Debian's
+# The mini study (docs/mini-study.md; about 25 min on 2 cores): Fashion-MNIST from Debian's
 # dataset-fashion-mnist package, installed here when its files are missing and apt-get may run.
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 mini-study: install

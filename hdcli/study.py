@@ -23,7 +23,6 @@ import dataclasses
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 from hdcli import demo, ui
@@ -146,7 +145,10 @@ def summary(out: Path, seeds: list[int], rows: list[str], scale: Scale) -> dict:
     return res
 
 
-def _pm(ms: tuple[float, float] | None) -> str:
+def _pm(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f} (seed 0 only)"
+    ms = _mean_std(values)
     return "–" if ms is None else f"{ms[0]:.2f} ± {ms[1]:.2f}"
 
 
@@ -159,7 +161,7 @@ def write_report(out: Path, scale: Scale, seeds: list[int], rows: list[str], log
         "## Results",
         "",
         f"`hd demo --study --out {out}` ({len(seeds)} seeds: {', '.join(map(str, seeds))}; "
-        f"{seconds / 60:.0f} min). Top-1 (%) on the {scale.source} held-out split, mean ± std over seeds. "
+        f"{seconds / 60:.0f} min of stages). Top-1 (%) on the {scale.source} held-out split, mean ± std over seeds. "
         f"Head distance (spread = std over heads, mean of blocks {blocks}: the relation-distilled blocks) and NMI "
         "of the last block, on the seed-0 model.",
         "",
@@ -167,7 +169,7 @@ def write_report(out: Path, scale: Scale, seeds: list[int], rows: list[str], log
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in res.values():
-        lines.append(f"| {r['label']} | {_pm(_mean_std(r.get('probe', [])))} | {_pm(_mean_std(r.get('finetune', [])))} "
+        lines.append(f"| {r['label']} | {_pm(r.get('probe', []))} | {_pm(r.get('finetune', []))} "
                      f"| {r.get('head_distance_spread_rel', float('nan')):.2f} | {r.get('head_distance_mean', float('nan')):.2f} "
                      f"| {r.get('nmi_last', float('nan')):.3f} |")
     lines += ["", "Plots (in `analysis/`): `head_distance.png`, `nmi.png` (all rows), and per row "
@@ -193,9 +195,8 @@ def study(out: str | os.PathLike = "runs/mini-study", *, seeds: list[int] | None
         data.open_records(data.parse_source(scale.source), "train")  # missing files: the error names the package
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-    t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     log = demo.run_stages(stages(out, scale, seeds, rows), out, force=force)
-    path = write_report(out, scale, seeds, rows, log, time.perf_counter() - t0)
+    path = write_report(out, scale, seeds, rows, log, sum(s.get("time_s") or 0 for s in log.values()))
     ui.stdout.print(path.read_text(), markup=False, highlight=False, soft_wrap=True)
     return path

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
                                             "before.")] = False,
         seed: Annotated[int, typer.Option("--seed", help="Seed of every stage (demo).")] = 0,
         study: Annotated[bool, typer.Option("--study", help="Run the mini study instead: the comparison rows "
-                                            "of the paper's Tab. 1/3 on Fashion-MNIST over seeds (about an hour).",
+                                            "of the paper's Tab. 1/3 on Fashion-MNIST over seeds (about 25 min on 2 cores).",
                                             rich_help_panel=STUDY)] = False,
         seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds of the study rows.",
                                            rich_help_panel=STUDY)] = "0,1,2",
