@@ -1009,6 +1009,17 @@ class ShardLoader(Loader):
         return islice(iter(self._dl), start, None)
 
 
+def augmented_loader(d, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loader:
+    """The training loader of a ``[data]`` config section (``hdcli.config.DataConfig``): its source, size,
+    workers and limits, with METHOD.md's augmentation (``train_transform``). Shared by distill and MAE
+    pretraining."""
+    return build_loader(
+        d.source, split="train", img_size=d.img_size, batch_size=batch_size, train=True,
+        num_workers=d.num_workers, rank=rank, world_size=world_size, seed=seed,
+        transform=train_transform(d.img_size, scale=tuple(d.scale), hflip=d.hflip),
+        epoch_steps=d.epoch_steps, max_bad_fraction=d.max_bad_fraction)
+
+
 def build_loader(source: str | os.PathLike | None = None, *, split: str = "train", img_size: int,
                  batch_size: int, train: bool = True, num_workers: int | None = None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, transform: Callable | None = None,

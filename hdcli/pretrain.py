@@ -262,12 +262,8 @@ class MAETask(Task):
                                        norm_pix_loss=p.norm_pix_loss)
 
     def train_loader(self, *, rank: int, world_size: int, seed: int):
-        d = self.cfg.data
-        return data.build_loader(
-            d.source, split="train", img_size=d.img_size, batch_size=self.cfg.train.batch_size, train=True,
-            num_workers=d.num_workers, rank=rank, world_size=world_size, seed=seed,
-            transform=data.train_transform(d.img_size, scale=tuple(d.scale), hflip=d.hflip),
-            epoch_steps=d.epoch_steps, max_bad_fraction=d.max_bad_fraction)
+        return data.augmented_loader(self.cfg.data, self.cfg.train.batch_size, rank=rank,
+                                     world_size=world_size, seed=seed)
 
     def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         loss, _, _ = model(data.normalize(batch[0]))

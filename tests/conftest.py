@@ -31,6 +31,18 @@ def tiny_vit(arch: str = "vit_base_patch16_224", seed: int = 0, **overrides):
     return timm.create_model(arch, pretrained=False, **kw).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny models gain nothing from intra-op threads, and on busy shared cores they slow down ~10x."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def make_tiny_vit():
     return tiny_vit

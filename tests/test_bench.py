@@ -20,12 +20,7 @@ CLIP = "vit_base_patch16_clip_quickgelu_224"
 TINY_ARGS = ["--img-size", "32", "--patch-size", "4", "--dim", "48", "--depth", "12", "--heads", "3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hybrid(drop_ratio: float, **kw) -> HybridDistill:

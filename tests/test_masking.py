@@ -10,14 +10,7 @@ import torch
 from hdcli import masking
 from hdcli.errors import HDError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on busy shared cores they slow down ~10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ref_progressive(hiddens: list[torch.Tensor], r: float) -> list[list[int]]:
