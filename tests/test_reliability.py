@@ -161,13 +161,19 @@ def test_a_truncated_image_is_skipped_named_and_counted_in_metrics(runs):
     assert all(x["bad_images"] >= 1 for x in recs[1:])  # the count is logged as it grows
 
 
+def copy_newest_checkpoint(src: Path, run: Path) -> Path:
+    """A run dir holding only ``src``'s config.toml and newest checkpoint (copied by hand); returns that checkpoint."""
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(src / "config.toml", run / "config.toml")
+    newest = sorted((src / "checkpoints").glob("step_*"))[-1]
+    shutil.copytree(newest, run / "checkpoints" / newest.name)
+    return newest
+
+
 @pytest.mark.slow
 def test_a_checkpoint_of_another_architecture_lists_the_keys(runs, tmp_path, capfd):
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(runs["full"]["dir"] / "config.toml", run / "config.toml")
-    newest = sorted((runs["full"]["dir"] / "checkpoints").glob("step_*"))[-1]
-    shutil.copytree(newest, run / "checkpoints" / newest.name)
+    newest = copy_newest_checkpoint(runs["full"]["dir"], run)
     code = hd_main("distill", "--out", str(run), "--resume", "auto",
                    "--set", "student.kwargs={embed_dim = 48, depth = 11, num_heads = 3}")
     err = capfd.readouterr().err
@@ -179,10 +185,7 @@ def test_a_checkpoint_of_another_architecture_lists_the_keys(runs, tmp_path, cap
 @pytest.mark.slow
 def test_a_cut_checkpoint_file_is_a_one_line_error(runs, tmp_path, capfd):
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(runs["full"]["dir"] / "config.toml", run / "config.toml")
-    newest = sorted((runs["full"]["dir"] / "checkpoints").glob("step_*"))[-1]
-    shutil.copytree(newest, run / "checkpoints" / newest.name)
+    newest = copy_newest_checkpoint(runs["full"]["dir"], run)
     weights = run / "checkpoints" / newest.name / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100_000])  # copied by hand, and the copy was cut
     code = hd_main("distill", "--out", str(run), "--resume", "auto")

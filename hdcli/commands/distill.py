@@ -126,7 +126,10 @@ def register(app: typer.Typer) -> None:
         With no --data it trains on the built-in demo digits. Example (CPU, about a minute):
         hd distill --recipe recipes/distill/tiny-cpu.toml --out runs/tiny
         """
-        from hdcli import config, ui
+        import functools
+
+        from hdcli import config
+        from hdcli.commands.training import exit_if_interrupted, resolve_config
 
         overrides = {
             "distill.teachers": _split(teachers), "student.arch": student, "data.img_size": img_size,
@@ -141,11 +144,9 @@ def register(app: typer.Typer) -> None:
             "train.cpu": cpu, "train.save_every": save_every, "train.keep_checkpoints": keep_checkpoints,
             "train.log_every": log_every, "train.nan_tolerance": nan_tolerance, "train.tensorboard": tensorboard,
         }
-        overrides.update(config.parse_assignments(set_ or []))
-        base = out / "config.toml" if resume is not None and (out / "config.toml").is_file() else None
-        cfg = config.load_config(config.DistillConfig, recipe=recipe, overrides=overrides, base=base)
-        if print_config:
-            ui.stdout.print(config.dump_config(cfg), end="", markup=False, highlight=False, soft_wrap=True)
+        cfg = resolve_config(functools.partial(config.load_config, config.DistillConfig), out, recipe=recipe,
+                             overrides=overrides, set_=set_, resume=resume, print_config=print_config)
+        if cfg is None:
             return
 
         from hdcli import engine
@@ -153,5 +154,4 @@ def register(app: typer.Typer) -> None:
 
         result = engine.train(lambda: DistillTask(cfg), cfg, out, resume=resume,
                               resume_hint=f"hd distill --out {out} --resume auto")
-        if result["interrupted"]:
-            raise typer.Exit(130 if result["interrupted"] == "SIGINT" else 143)
+        exit_if_interrupted(result)

@@ -138,7 +138,8 @@ def register(app: typer.Typer) -> None:
         from timm; --linear-probe trains only a BatchNorm + linear head. Results: <out>/results.json.
         Example: hd finetune cifar100 --data-dir ~/data --student runs/distill --out runs/ft-cifar
         """
-        from hdcli import config, ui
+        from hdcli import ui
+        from hdcli.commands.training import exit_if_interrupted, resolve_config
 
         overrides = {
             "finetune.dataset": dataset, "finetune.student": student, "data.source": data_dir,
@@ -155,18 +156,14 @@ def register(app: typer.Typer) -> None:
             "train.cpu": cpu, "train.save_every": save_every, "train.keep_checkpoints": keep_checkpoints,
             "train.log_every": log_every, "train.tensorboard": tensorboard,
         }
-        overrides.update(config.parse_assignments(set_ or []))
-        base = out / "config.toml" if resume is not None and (out / "config.toml").is_file() else None
-
         from hdcli import finetune as ft
 
-        cfg = ft.load_config(recipe=recipe, overrides=overrides, base=base)
-        if print_config:
-            ui.stdout.print(config.dump_config(cfg), end="", markup=False, highlight=False, soft_wrap=True)
+        cfg = resolve_config(ft.load_config, out, recipe=recipe, overrides=overrides, set_=set_, resume=resume,
+                             print_config=print_config)
+        if cfg is None:
             return
         result = ft.finetune(cfg, out, resume=resume, resume_hint=f"hd finetune --out {out} --resume auto")
-        if result["interrupted"]:
-            raise typer.Exit(130 if result["interrupted"] == "SIGINT" else 143)
+        exit_if_interrupted(result)
         res = result["results"]
         if res and ui.is_main_process():
             ui.info(f"{res['dataset']}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% after {res['epochs']} "

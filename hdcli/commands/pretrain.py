@@ -56,24 +56,19 @@ Cpu = Annotated[bool | None, typer.Option("--cpu", help="Use the CPU even where 
 
 
 def _run(mode: str, out: Path, recipe, resume, set_, print_config, model_kwargs, overrides: dict) -> None:
-    import os
+    import functools
 
-    from hdcli import config, ui
+    from hdcli import config, pretrain, ui
+    from hdcli.commands.training import exit_if_interrupted, resolve_config
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as hd distill: idle threads sleep on shared CPUs
     if model_kwargs is not None:
         overrides["student.kwargs"] = config.parse_assignments([f"k={model_kwargs}"])["k"]
-    overrides.update(config.parse_assignments(set_ or []))
-    from hdcli import pretrain
-
-    base = out / "config.toml" if resume is not None and (out / "config.toml").is_file() else None
-    cfg = pretrain.load_config(mode, recipe=recipe, overrides=overrides, base=base)
-    if print_config:
-        ui.stdout.print(config.dump_config(cfg), end="", markup=False, highlight=False, soft_wrap=True)
+    cfg = resolve_config(functools.partial(pretrain.load_config, mode), out, recipe=recipe, overrides=overrides,
+                         set_=set_, resume=resume, print_config=print_config)
+    if cfg is None:
         return
     result = pretrain.pretrain(cfg, out, resume=resume, resume_hint=f"hd pretrain {mode} --out {out} --resume auto")
-    if result["interrupted"]:
-        raise typer.Exit(130 if result["interrupted"] == "SIGINT" else 143)
+    exit_if_interrupted(result)
     ui.info(f"use it as a teacher: hd distill --teachers local-dir:{result['student']},...")
 
 
