@@ -5,7 +5,7 @@
 
 Models: ViT-S/16 student and two ViT-S/16 teachers (random weights; their 0.5 mean/std make the teachers
 re-normalise the input, as MAE/CLIP do), 224 px (196 patches: 34% kept at drop ratio 0.3), fp32.
-Every step is a REAL engine step (``hdcli.bench.distill``). The cores are shared with other processes,
+Every step is a REAL engine step (``hdcli.tools.bench.distill``). The cores are shared with other processes,
 so the compared figures are measured next to each other and each ratio is the median, over all steps of
 all rounds, of the ratio of two neighbours: the engine alternates its steps between the method at drop
 ratio 0.3 and the same method at drop ratio 0 (``compare_drop_ratio``), and right before each drop-0.3
@@ -43,7 +43,7 @@ def timm_train_reference(batch_size: int, reps: int, gemm_size: int) -> dict:
     import timm
     import torch
 
-    from hdcli import flops
+    from hdcli.tools import flops
 
     torch.manual_seed(0)
     model = timm.create_model(VITS, num_classes=0).train()
@@ -86,7 +86,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from hdcli import bench
+    from hdcli.tools import bench
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -170,7 +170,7 @@ def main() -> None:
                    "load_after": [round(x, 2) for x in os.getloadavg()], "wall_s": round(time.time() - t0, 1),
                    "command": " ".join([Path(sys.executable).name, *sys.argv])},
     }
-    from hdcli import flops
+    from hdcli.tools import flops
 
     v = flops.arch_dims(VITS)
     out["flop_model_keep34_over_keep100"] = (flops.hybrid_step(v, v, v, n_patches=196, n_keep=67).total

@@ -40,7 +40,7 @@ TARGET_KEYS = ("teacher", "kind", "blocks", "weight", "student_blocks", "name")
 
 @dataclass
 class TrainConfig:
-    """The loop: batch, length, precision, seeding, checkpoints and logging (read by ``hdcli.engine``)."""
+    """The loop: batch, length, precision, seeding, checkpoints and logging (read by ``hdcli.train.engine``)."""
 
     batch_size: int = 128  # per device (per process); global batch = batch_size × accum_steps × processes
     accum_steps: int = 1  # micro-batches per optimiser step (gradient accumulation)

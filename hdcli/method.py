@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdcli import masking as masking_lib
-from hdcli import vit
 from hdcli.errors import HDError, did_you_mean
+from hdcli.models import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

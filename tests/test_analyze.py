@@ -1,4 +1,4 @@
-"""hdcli.analyze and `hd analyze`: metrics against hand computations, the hooked runner against a
+"""hdcli.tools.analyze and `hd analyze`: metrics against hand computations, the hooked runner against a
 direct loop over timm's blocks, plots and JSON, and the CLI end to end on a tiny student dir."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from conftest import TINY, tiny_vit
 from PIL import Image
 
-from hdcli import analyze
 from hdcli.errors import HDError
+from hdcli.tools import analyze
 
 
 def _images(n: int = 3, seed: int = 0) -> list[Image.Image]:

@@ -1,4 +1,4 @@
-"""hdcli.flops against hand computations and torch.utils.flop_counter; hd bench's JSON contract.
+"""hdcli.tools.flops against hand computations and torch.utils.flop_counter; hd bench's JSON contract.
 
 No timing assertions here: speed targets live in benchmarks/ (docs/performance.md).
 """
@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import TINY, tiny_vit
 
-from hdcli import bench, flops
 from hdcli.errors import HDError
 from hdcli.method import HybridDistill
+from hdcli.tools import bench, flops
 
 CLIP = "vit_base_patch16_clip_quickgelu_224"
 TINY_ARGS = ["--img-size", "32", "--patch-size", "4", "--dim", "48", "--depth", "12", "--heads", "3"]

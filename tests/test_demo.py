@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from hdcli import demo
+from hdcli.paper import demo
 
 
 def _write(path, obj):

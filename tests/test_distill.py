@@ -73,8 +73,8 @@ def test_impossible_numbers_fail_before_any_work(tmp_path):
 
 
 def test_unknown_teacher_names_the_closest_registry_names():
-    from hdcli.distill import DistillTask
     from hdcli.errors import HDError
+    from hdcli.tasks.distill import DistillTask
 
     with pytest.raises(HDError) as e:  # raised by the task before any model is built
         DistillTask(tiny_cfg(**{"distill.teachers": ["mea", "clip"]}))
@@ -165,8 +165,8 @@ def tiny_cfg(**overrides):
 def test_tiny_recipe_builds_the_hybrid_with_progressive_masking():
     import torch
 
-    from hdcli.distill import DistillTask
     from hdcli.method import HybridDistill
+    from hdcli.tasks.distill import DistillTask
 
     task = DistillTask(tiny_cfg())
     assert isinstance(task.model, HybridDistill) and task.model.n_keep == 22  # 64 -> 45 -> 32 -> 22
@@ -177,8 +177,8 @@ def test_tiny_recipe_builds_the_hybrid_with_progressive_masking():
 
 
 def test_general_targets_build_a_single_teacher_baseline():
-    from hdcli.distill import DistillTask
     from hdcli.method import HybridDistill
+    from hdcli.tasks.distill import DistillTask
 
     clip = "random:vit_base_patch16_clip_quickgelu_224.openai"
     task = DistillTask(tiny_cfg(**{"distill.teachers": [clip], "distill.masking": "none",
@@ -192,7 +192,7 @@ def test_export_writes_the_student_alone_with_imagenet_statistics(tmp_path):
     import torch
 
     from hdcli.data import IMAGENET_MEAN, IMAGENET_STD
-    from hdcli.distill import DistillTask
+    from hdcli.tasks.distill import DistillTask
 
     task = DistillTask(tiny_cfg())
     task.export(task.model, tmp_path)

@@ -1,4 +1,4 @@
-"""hdcli.engine on a toy task (an MLP regression, in-process): schedule, weight decay groups, the loop,
+"""hdcli.train.engine on a toy task (an MLP regression, in-process): schedule, weight decay groups, the loop,
 exact resume, accumulation, non-finite steps, SIGTERM, atomic checkpoints, refusals."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from hdcli import engine
 from hdcli.config import OptimConfig, TrainConfig
 from hdcli.errors import HDError
+from hdcli.seeding import mix_seed
+from hdcli.train import checkpoints, engine, optim
 
 
 @dataclass
@@ -114,25 +115,25 @@ def same(a: dict, b: dict, tol: float = 0.0) -> bool:
 
 def test_lr_warms_up_linearly_then_follows_a_half_cosine():
     f = dict(total=110, warmup=10, peak=1.0, min_lr=0.1)
-    assert engine.lr_at(0, **f) == 0.0 and engine.lr_at(5, **f) == pytest.approx(0.5)
-    assert engine.lr_at(10, **f) == pytest.approx(1.0)
-    assert engine.lr_at(60, **f) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: cos(pi/2) = 0
-    assert engine.lr_at(110, **f) == pytest.approx(0.1)
+    assert optim.lr_at(0, **f) == 0.0 and optim.lr_at(5, **f) == pytest.approx(0.5)
+    assert optim.lr_at(10, **f) == pytest.approx(1.0)
+    assert optim.lr_at(60, **f) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: cos(pi/2) = 0
+    assert optim.lr_at(110, **f) == pytest.approx(0.1)
 
 
 def test_lr_scales_with_the_global_batch():
-    assert engine.scaled_lr(1.5e-4, 1024) == pytest.approx(6e-4)
-    assert engine.scaled_lr(1.5e-4, 1024, lr=1e-3) == 1e-3
+    assert optim.scaled_lr(1.5e-4, 1024) == pytest.approx(6e-4)
+    assert optim.scaled_lr(1.5e-4, 1024, lr=1e-3) == 1e-3
 
 
 def test_total_steps_from_epochs_and_accumulation():
-    assert engine.total_steps(epochs=3, steps=None, batches_per_epoch=10, accum_steps=2) == 15
-    assert engine.total_steps(epochs=3, steps=7, batches_per_epoch=10, accum_steps=2) == 7
+    assert optim.total_steps(epochs=3, steps=None, batches_per_epoch=10, accum_steps=2) == 15
+    assert optim.total_steps(epochs=3, steps=7, batches_per_epoch=10, accum_steps=2) == 7
 
 
 def test_no_weight_decay_for_norms_biases_pos_embed_and_cls_token(make_tiny_vit):
     model = nn.ModuleDict({"student": make_tiny_vit(), "head": nn.Linear(48, 8)})
-    no_decay, decay = engine.param_groups_weight_decay(model, 0.05)
+    no_decay, decay = optim.param_groups_weight_decay(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     nd = {names[id(p)] for p in no_decay["params"]}
     dd = {names[id(p)] for p in decay["params"]}
@@ -144,13 +145,13 @@ def test_no_weight_decay_for_norms_biases_pos_embed_and_cls_token(make_tiny_vit)
 
 
 def test_step_seeds_differ_across_rank_and_step():
-    seeds = {engine.seed_of(0, 2, r, s, 0) for r in range(4) for s in range(100)}
+    seeds = {mix_seed(0, 2, r, s, 0) for r in range(4) for s in range(100)}
     assert len(seeds) == 400
 
 
 def test_free_space_check_refuses_an_impossible_need(tmp_path):
     with pytest.raises(HDError, match="free under"):
-        engine.check_free_space(tmp_path, 1 << 62)
+        checkpoints.check_free_space(tmp_path, 1 << 62)
 
 
 # ---------------------------------------------------------------- the loop
@@ -163,7 +164,7 @@ def test_toy_run_learns_and_writes_the_run_dir(tmp_path):
     assert [x["step"] for x in recs] == [4, 8, 12, 16, 20, 24]
     assert recs[-1]["loss"] < 0.5 * recs[0]["loss"] and r["last_loss"] == recs[-1]["loss"]
     assert {"lr", "img_per_s", "grad_norm", "mse_half", "skipped_steps", "epoch"} <= recs[0].keys()
-    assert [p.name for p in engine.list_checkpoints(d)] == ["step_0000018", "step_0000024"]
+    assert [p.name for p in checkpoints.list_checkpoints(d)] == ["step_0000018", "step_0000024"]
     assert (d / "config.toml").is_file() and (d / "student" / "weights.pt").is_file()
     assert not list((d / "checkpoints").glob(".tmp-*"))
 
@@ -199,7 +200,7 @@ def test_frozen_submodules_stay_fixed_and_out_of_checkpoints(tmp_path):
     assert torch.equal(task_box["t"].model.teacher.weight, task_box["w0"])
     from safetensors.torch import load_file
 
-    keys = load_file(str(engine.list_checkpoints(tmp_path / "run")[-1] / "model.safetensors")).keys()
+    keys = load_file(str(checkpoints.list_checkpoints(tmp_path / "run")[-1] / "model.safetensors")).keys()
     assert keys and not any(k.startswith("teacher.") for k in keys)
 
 
@@ -220,7 +221,7 @@ def test_too_many_non_finite_steps_stop_with_an_error_and_keep_the_checkpoint(tm
     cfg = toy_cfg(steps=12, save_every=4, nan_tolerance=2)
     with pytest.raises(HDError, match="not finite for 3 consecutive steps"):
         run(tmp_path, cfg, nan_at={6, 7, 8, 9, 10, 11})
-    ckpts = engine.list_checkpoints(tmp_path / "run")  # steps 7-9 were skipped: step 8's weights are good
+    ckpts = checkpoints.list_checkpoints(tmp_path / "run")  # steps 7-9 were skipped: step 8's weights are good
     assert [p.name for p in ckpts] == ["step_0000004", "step_0000008"]
     assert not (tmp_path / "run" / "student").exists()
 
@@ -229,7 +230,7 @@ def test_sigterm_saves_at_the_next_step_boundary_and_resume_continues_exactly(tm
     cfg = toy_cfg(steps=12, save_every=100)
     r = run(tmp_path, cfg, "cut", sigterm_at=4)
     assert r["interrupted"] == "SIGTERM" and r["student"] is None
-    stop = engine.list_checkpoints(tmp_path / "cut")[-1]
+    stop = checkpoints.list_checkpoints(tmp_path / "cut")[-1]
     assert 5 <= json.loads((stop / "state.json").read_text())["step"] <= 6
     run(tmp_path, cfg, "cut", resume="auto")
     run(tmp_path, cfg, "full")
@@ -254,8 +255,8 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_complete(tmp_path, 
     with pytest.raises(HDError, match="could not write checkpoint"):
         run(tmp_path, cfg)
     monkeypatch.setattr(Accelerator, "save_state", real)
-    assert [p.name for p in engine.list_checkpoints(tmp_path / "run")] == ["step_0000004"]
-    assert engine.find_checkpoint("auto", tmp_path / "run").name == "step_0000004"
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path / "run")] == ["step_0000004"]
+    assert checkpoints.find_checkpoint("auto", tmp_path / "run").name == "step_0000004"
     r = run(tmp_path, cfg, resume="auto")  # the previous checkpoint loads and the run completes
     assert r["steps"] == 12
 
@@ -279,12 +280,12 @@ def test_find_checkpoint_accepts_run_dirs_and_checkpoint_dirs(tmp_path):
     run(tmp_path, cfg)
     d = tmp_path / "run"
     newest = d / "checkpoints" / "step_0000008"
-    assert engine.find_checkpoint(str(d), tmp_path) == newest
-    assert engine.find_checkpoint(str(d / "checkpoints"), tmp_path) == newest
-    assert engine.find_checkpoint(str(d / "checkpoints" / "step_0000004"), tmp_path).name == "step_0000004"
-    assert engine.find_checkpoint("auto", tmp_path / "empty") is None
+    assert checkpoints.find_checkpoint(str(d), tmp_path) == newest
+    assert checkpoints.find_checkpoint(str(d / "checkpoints"), tmp_path) == newest
+    assert checkpoints.find_checkpoint(str(d / "checkpoints" / "step_0000004"), tmp_path).name == "step_0000004"
+    assert checkpoints.find_checkpoint("auto", tmp_path / "empty") is None
     with pytest.raises(HDError, match="no complete checkpoint"):
-        engine.find_checkpoint(str(tmp_path / "nothing"), tmp_path)
+        checkpoints.find_checkpoint(str(tmp_path / "nothing"), tmp_path)
 
 
 def test_lr_of_logged_steps_follows_the_schedule(tmp_path):
@@ -292,6 +293,6 @@ def test_lr_of_logged_steps_follows_the_schedule(tmp_path):
     run(tmp_path, cfg)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     peak = 3.0 * 8 / 256
-    want = [engine.lr_at(s, total=8, warmup=2, peak=peak) for s in range(8)]
+    want = [optim.lr_at(s, total=8, warmup=2, peak=peak) for s in range(8)]
     assert [r["lr"] for r in recs] == pytest.approx(want)
     assert math.isclose(max(r["lr"] for r in recs), peak)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, tiny_vit
 
-from hdcli import export as ex
 from hdcli.errors import HDError
+from hdcli.tools import export as ex
 
 DEPTH = TINY["depth"]
 

@@ -13,8 +13,8 @@ import torch
 from conftest import tiny_vit
 
 from hdcli import data
-from hdcli import finetune as ft
 from hdcli.errors import HDError
+from hdcli.tasks import finetune as ft
 
 # ------------------------------------------------------------------------------------------ fixtures
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from hdcli import pretrain
 from hdcli.errors import HDError
+from hdcli.tasks import pretrain
 
 TINY_ARGS = ["--img-size", "32", "--patch-size", "8", "--model-kwargs", "{embed_dim = 24, depth = 2, num_heads = 2}",
              "--batch-size", "32", "--num-workers", "0", "--set", "train.log_every=1", "--set", "data.hflip=0.0",

@@ -34,9 +34,9 @@ import webdataset as wds
 from conftest import REPO, tiny_vit
 from PIL import Image
 
-from hdcli import engine
 from hdcli.config import OptimConfig, TrainConfig
 from hdcli.errors import HDError
+from hdcli.train import checkpoints, engine
 
 RECIPE = ["distill", "--recipe", str(REPO / "recipes/distill/tiny-cpu.toml"), "-b", "8"]
 TINY = [*RECIPE, "--num-workers", "0"]
@@ -339,7 +339,7 @@ def test_a_failed_export_is_an_error_and_keeps_the_checkpoints(tmp_path):
             engine.train(SmallTask, SmallConfig(), run)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert [p.name for p in engine.list_checkpoints(run)] == ["step_0000002"]
+    assert [p.name for p in checkpoints.list_checkpoints(run)] == ["step_0000002"]
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl"]
 
 

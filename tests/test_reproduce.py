@@ -1,4 +1,4 @@
-"""Paper reproduction: recipes/paper/*, recipes/paper_results.toml, hdcli.reproduce (plan, smoke chain), hdcli.report."""
+"""Paper reproduction: recipes/paper/*, recipes/paper_results.toml, hdcli.paper.reproduce (plan, smoke chain), hdcli.paper.report."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from hdcli import reproduce as rp
 from hdcli.config import DistillConfig, load_config
 from hdcli.errors import HDError
-from hdcli.report import fmt_diff, load_paper, read_detectron2, read_mmseg, record, report, runs_of
+from hdcli.paper import reproduce as rp
+from hdcli.paper.report import fmt_diff, load_paper, read_detectron2, read_mmseg, record, report, runs_of
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "paper"
@@ -127,7 +127,7 @@ def test_fit_batch_keeps_the_global_batch_of_8_gpus():
 
 
 def test_distill_flops_equals_the_flop_model_of_the_hybrid_step():
-    from hdcli import flops
+    from hdcli.tools import flops
 
     c = recipe("hybrid-mae-clip-vitb")
     ref = flops.hybrid_step(rp.arch_dims("mae"), rp.arch_dims("clip"), rp.arch_dims("vit_base_patch16_224"),

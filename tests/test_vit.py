@@ -1,12 +1,12 @@
-"""hdcli.vit taps on unmodified timm ViTs, checked against hand computations from the weights."""
+"""hdcli.models.vit taps on unmodified timm ViTs, checked against hand computations from the weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hdcli import vit
 from hdcli.errors import HDError
+from hdcli.models import vit
 
 CLIP = "vit_base_patch16_clip_quickgelu_224"
 

@@ -97,7 +97,8 @@ def attention(
 
     One PNG grid per model (paper Fig. 5c): a row per image and query, a column per block.
     """
-    from hdcli import analyze, vit
+    from hdcli.models import vit
+    from hdcli.tools import analyze
     from hdcli.ui import info
 
     queries = [_parse_query(q) for q in (query or ["0.5,0.5"])]
@@ -126,7 +127,7 @@ def attention(
 
 def _metric(metric, names, data, n_images, img_size, seed, batch_size, out, skip_missing, device,
             cache_dir) -> None:
-    from hdcli import analyze
+    from hdcli.tools import analyze
     from hdcli.ui import info
 
     dev, loaded = _setup(names, data, out, device, skip_missing=skip_missing, img_size=img_size,
@@ -175,7 +176,8 @@ def _device(device: str):
 
 def _load_models(names: list[str], *, skip_missing: bool, img_size: int | None, cache_dir: Path | None):
     """Resolve every name first (a typo fails even with --skip-missing), then load and check each."""
-    from hdcli import analyze, teachers
+    from hdcli import teachers
+    from hdcli.tools import analyze
     from hdcli.ui import warn
 
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -249,7 +251,7 @@ def _parse_query(text: str) -> tuple[float, float]:
 
 def _parse_blocks(text: str | None, model, name: str) -> list[int]:
     """--blocks as 0-based indices of ``model`` (negatives count from the end); default 4 evenly spaced."""
-    from hdcli import vit
+    from hdcli.models import vit
 
     depth = vit.depth(model)
     if text is None:

@@ -90,10 +90,10 @@ def distill(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.",
                                           rich_help_panel=REPORT_PANEL)] = False,
 ) -> None:
-    """Time the real distillation step (hdcli.engine + hdcli.method) on random-weight models: images/s,
+    """Time the real distillation step (hdcli.train.engine + hdcli.method) on random-weight models: images/s,
     time per part, achieved TFLOP/s (analytic FLOP count), MFU, matmul-relative efficiency, peak memory."""
-    from hdcli import bench
     from hdcli.errors import HDError
+    from hdcli.tools import bench
 
     names = [t.strip() for t in teachers.split(",") if t.strip()]
     if len(names) != 2:
@@ -115,7 +115,7 @@ def _print_distill(res: dict) -> None:
     from rich.table import Table
 
     from hdcli import ui
-    from hdcli.bench import fmt_num
+    from hdcli.tools.bench import fmt_num
 
     c = res["config"]
     title = (f"{c['student']} ← {' + '.join(c['teachers'])} · batch {c['batch_size']} · {c['dtype']}"
@@ -141,7 +141,7 @@ def _print_distill(res: dict) -> None:
     if "mim_over_timm" in res:
         t.add_row("timm forward, MIM blocks", f"{res['reference_ms']['timm_blocks']:.1f} ms", "all tokens, no keep set")
         t.add_row("  MIM teacher / timm", f"{res['mim_over_timm']:.3f}", "cost of keep set + relations")
-    t.add_row("GFLOP/image", f"{res['gflops_per_image']:.2f}", "analytic (hdcli.flops)")
+    t.add_row("GFLOP/image", f"{res['gflops_per_image']:.2f}", "analytic (hdcli.tools.flops)")
     t.add_row("achieved TFLOP/s", fmt_num(res["tflops"]), "")
     if res["gemm_tflops"] is not None:
         t.add_row("large matmul TFLOP/s", fmt_num(res["gemm_tflops"]), f"{c['gemm_size']}² in {c['dtype']}, same run")
@@ -174,7 +174,8 @@ def data(
                                           rich_help_panel=REPORT_PANEL)] = False,
 ) -> None:
     """Decode + augment throughput (training transform, uint8 out) of a data source, total and per worker."""
-    from hdcli import bench, ui
+    from hdcli import ui
+    from hdcli.tools import bench
 
     res = bench.data(source, img_size=img_size, batch_size=batch_size, workers=workers, batches=batches,
                      warmup=warmup, split=split)

@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
 
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see hd distill)
         if study:
-            from hdcli import study as run_study
+            from hdcli.paper import study as run_study
 
             names = [r.strip() for r in rows.split(",") if r.strip()] if rows else None
             for r in names or []:
@@ -59,6 +59,6 @@ def register(app: typer.Typer) -> None:
             run_study.study(out or Path("runs/mini-study"), seeds=seed_list, quick=quick, rows=names, source=data,
                             force=force)
             return
-        from hdcli import demo as run_demo
+        from hdcli.paper import demo as run_demo
 
         run_demo.demo(out or Path("runs/demo"), quick=quick, force=force, seed=seed)

@@ -149,8 +149,8 @@ def register(app: typer.Typer) -> None:
         if cfg is None:
             return
 
-        from hdcli import engine
-        from hdcli.distill import DistillTask
+        from hdcli.tasks.distill import DistillTask
+        from hdcli.train import engine
 
         result = engine.train(lambda: DistillTask(cfg), cfg, out, resume=resume,
                               resume_hint=f"hd distill --out {out} --resume auto")

@@ -43,7 +43,7 @@ def export(
     """Export a student for downstream work (docs/downstream.md): timm, detectron2 ViTDet (COCO Mask
     R-CNN) or mmsegmentation MAE backbone (ADE20K UperNet). The position embedding keeps its CLS slot;
     the final norm, pooling and classifier are dropped for detectron2 and mmseg."""
-    from hdcli import export as ex
+    from hdcli.tools import export as ex
     from hdcli.ui import info
 
     ex.check_out(out, fmt.value, force=force)

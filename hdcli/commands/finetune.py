@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
             "train.cpu": cpu, "train.save_every": save_every, "train.keep_checkpoints": keep_checkpoints,
             "train.log_every": log_every, "train.tensorboard": tensorboard,
         }
-        from hdcli import finetune as ft
+        from hdcli.tasks import finetune as ft
 
         cfg = resolve_config(ft.load_config, out, recipe=recipe, overrides=overrides, set_=set_, resume=resume,
                              print_config=print_config)

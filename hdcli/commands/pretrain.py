@@ -58,8 +58,9 @@ Cpu = Annotated[bool | None, typer.Option("--cpu", help="Use the CPU even where 
 def _run(mode: str, out: Path, recipe, resume, set_, print_config, model_kwargs, overrides: dict) -> None:
     import functools
 
-    from hdcli import config, pretrain, ui
+    from hdcli import config, ui
     from hdcli.commands.training import exit_if_interrupted, resolve_config
+    from hdcli.tasks import pretrain
 
     if model_kwargs is not None:
         overrides["student.kwargs"] = config.parse_assignments([f"k={model_kwargs}"])["k"]

@@ -29,7 +29,8 @@ def _make(which: str):
                                                    "recipes/paper_results.toml).", rich_help_panel=IN,
                                                    show_default=False)] = None,
     ) -> None:
-        from hdcli import report, ui
+        from hdcli import ui
+        from hdcli.paper import report
 
         text = report.report(which, runs, paper_path=paper, best=best)
         if out is None:
@@ -59,8 +60,9 @@ def record(
 ) -> None:
     """Record downstream results of a run (coco.json, ade20k.json) for `hd report`: by hand or from the
     detectron2 / mmseg logs of a run made elsewhere."""
-    from hdcli import report, ui
+    from hdcli import ui
     from hdcli.errors import HDError
+    from hdcli.paper import report
 
     if not run.is_dir():
         raise HDError(f"no run directory at {run}", "give OUT/<run> of hd reproduce")

@@ -72,8 +72,8 @@ def register(app: typer.Typer) -> None:
         Usually through make: make reproduce-table1 DATA_IN1K=/data/in1k-wds [GPUS=8 NODES=1 OUT=runs/paper],
         DRY_RUN=1 to print the plan, SCALE=smoke for the tiny CPU run (docs/reproduce.md).
         """
-        from hdcli import reproduce as rp
         from hdcli import ui
+        from hdcli.paper import reproduce as rp
 
         p = rp.plan(target, out=out, scale=scale, gpus=gpus, nodes=nodes,
                     data={"in1k": data_in1k, "in21k": data_in21k, "cifar100": data_cifar, "cars": data_cars,

@@ -3,7 +3,7 @@
 Three layers, top to bottom:
 - pure metrics on attention tensors (``attention_probs``, ``head_distance``, ``nmi``);
 - a runner with a forward pre-hook on every block that recomputes only q·kᵀ from the entering
-  hidden state (``hdcli.vit.relations``), so the model's own forward stays timm's and stays fused;
+  hidden state (``hdcli.models.vit.relations``), so the model's own forward stays timm's and stays fused;
   each chunk of images is reduced to small numbers inside the hook, so memory is bounded by one
   block's attention for one chunk;
 - plots (matplotlib, Agg) and the JSON written by ``hd analyze``.
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from hdcli.errors import HDError
-from hdcli.vit import patch_size, relations
+from hdcli.models.vit import patch_size, relations
 
 METRICS = {
     "head_distance": "average head distance (pixels)",

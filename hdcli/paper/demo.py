@@ -129,28 +129,29 @@ def _trained(run: Path) -> bool:
 
 def _resume(run: Path) -> str | None:
     """'auto' where an interrupted earlier try left checkpoints, else None (a fresh run)."""
-    from hdcli import engine
+    from hdcli.train import checkpoints
 
-    return "auto" if engine.list_checkpoints(run) else None
+    return "auto" if checkpoints.list_checkpoints(run) else None
 
 
 def run_pretrain(mode: str, run: Path, scale: Scale, seed: int = 0) -> None:
-    from hdcli import pretrain
+    from hdcli.tasks import pretrain
 
     cfg = pretrain.load_config(mode, overrides=pretrain_overrides(mode, scale, seed))
     _finished(pretrain.pretrain(cfg, run, resume=_resume(run)))
 
 
 def run_distill(run: Path, teachers: list[str], scale: Scale, seed: int = 0, **distill) -> None:
-    from hdcli import config, engine
-    from hdcli.distill import DistillTask
+    from hdcli import config
+    from hdcli.tasks.distill import DistillTask
+    from hdcli.train import engine
 
     cfg = config.load_config(config.DistillConfig, overrides=distill_overrides(teachers, scale, seed, **distill))
     _finished(engine.train(lambda: DistillTask(cfg), cfg, run, resume=_resume(run)))
 
 
 def run_finetune(run: Path, student: Path, scale: Scale, *, linear_probe: bool, seed: int = 0) -> None:
-    from hdcli import finetune
+    from hdcli.tasks import finetune
 
     cfg = finetune.load_config(overrides=finetune_overrides(student, scale, linear_probe=linear_probe, seed=seed))
     _finished(finetune.finetune(cfg, run, resume=_resume(run)))
@@ -167,7 +168,8 @@ def _finetuned(run: Path) -> bool:
 
 def run_analysis(out: Path, models: dict[str, Path], n_images: int, source: str = "demo") -> None:
     """head_distance.json / nmi.json and their plots for ``models`` (name -> student dir)."""
-    from hdcli import analyze, data, teachers
+    from hdcli import data, teachers
+    from hdcli.tools import analyze
 
     images = data.sample_images(source, n_images, split="val", seed=0)
     loaded = {name: teachers.load(f"local-dir:{path.resolve()}") for name, path in models.items()}
@@ -179,7 +181,7 @@ def run_analysis(out: Path, models: dict[str, Path], n_images: int, source: str 
 
 
 def _analysed(out: Path) -> bool:
-    from hdcli import analyze
+    from hdcli.tools import analyze
 
     return all((out / f"{m}.json").is_file() for m in analyze.METRICS)
 

@@ -25,8 +25,9 @@ import os
 import statistics
 from pathlib import Path
 
-from hdcli import demo, ui
-from hdcli.demo import Scale, Stage
+from hdcli import ui
+from hdcli.paper import demo
+from hdcli.paper.demo import Scale, Stage
 
 ROWS: dict[str, dict] = {
     "distill-mae": {"label": "Distill-MAE (features)", "teachers": ["mae"],
@@ -101,7 +102,7 @@ def stages(out: Path, scale: Scale, seeds: list[int], rows: list[str]) -> list[S
 def run_analysis(out: Path, models: dict[str, Path], scale: Scale, rows: list[str]) -> None:
     """All models in one JSON per metric (and one plot with every row), plus one plot per row: the row's
     student against the two teachers."""
-    from hdcli import analyze
+    from hdcli.tools import analyze
 
     demo.run_analysis(out, models, scale.analysis_images, scale.source)
     for metric in analyze.METRICS:

@@ -1,6 +1,6 @@
 """Classification fine-tuning and linear probing of a student, as a ``Task`` for the one engine loop.
 
-    from hdcli import finetune
+    from hdcli.tasks import finetune
     cfg = finetune.load_config(recipe=None, overrides={"finetune.dataset": "cifar100", ...})
     result = finetune.finetune(cfg, "runs/ft-cifar")          # -> the results.json dict
 
@@ -35,8 +35,9 @@ from torch import nn
 
 from hdcli import config, data, ui
 from hdcli.config import FinetuneConfig
-from hdcli.engine import Task, param_groups_weight_decay, total_steps
 from hdcli.errors import HDError
+from hdcli.train.optim import param_groups_weight_decay, total_steps
+from hdcli.train.task import Task
 
 RESULTS = "results.json"
 LOW_RES = ("cifar100", "demo", "fashion-mnist")  # small images upsampled: evaluated without a crop margin
@@ -161,7 +162,7 @@ def fold_batchnorm(bn: nn.BatchNorm1d, linear: nn.Linear) -> nn.Linear:
 def check_student(student: str) -> None:
     """HDError now for a student that is neither a model directory nor a known name/tag (cheap)."""
     from hdcli import teachers
-    from hdcli.export import student_dir
+    from hdcli.tools.export import student_dir
 
     if student_dir(student) is None:
         try:
@@ -173,7 +174,7 @@ def check_student(student: str) -> None:
 
 def _student_weights(student: str) -> Path | None:
     """The safetensors file of a student given as a directory (None for registry names / timm tags)."""
-    from hdcli.export import student_dir
+    from hdcli.tools.export import student_dir
 
     d = student_dir(student)
     if d is None:
@@ -188,7 +189,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     from timm.layers import trunc_normal_
 
     from hdcli import teachers
-    from hdcli.export import student_dir
+    from hdcli.tools.export import student_dir
 
     fc = cfg.finetune
     d = student_dir(fc.student)
@@ -527,7 +528,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, *, resume: str | N
              resume_hint: str | None = None) -> dict:
     """Fine-tune (or linear-probe) ``cfg.finetune.student`` into ``run_dir`` with the engine; return the
     engine's summary with ``results`` (the contents of results.json) added."""
-    from hdcli import engine
+    from hdcli.train import engine
 
     # data mistakes (missing/corrupt CIFAR files, no eval split) surface before any run dir or model exists
     check_split(data_source(cfg.finetune.dataset, cfg.data.source), "train")

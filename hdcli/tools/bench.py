@@ -1,6 +1,6 @@
 """Throughput, achieved FLOP/s and MFU of a distillation step; decode + augment speed of a data source.
 
-``distill`` times the REAL training step: it runs ``hdcli.engine.train`` on a ``hdcli.distill.DistillTask``
+``distill`` times the REAL training step: it runs ``hdcli.train.engine.train`` on a ``hdcli.tasks.distill.DistillTask``
 (random weights of the real architectures, ``random:ARCH`` teachers) whose data is one synthetic uint8
 batch, and reads the clock where the engine asks the task for the loss of each step. The time between two
 such calls is one whole engine step (data hand-over, device copy, normalisation, teachers, student
@@ -14,7 +14,7 @@ step (nothing is saved). Each part is also timed alone on the same models, with 
 - ``student``: the hybrid's forward with its teacher pass replaced by a cached result, + backward;
 - ``optimizer``: gradient clipping + AdamW (fused where available) + zero_grad, as the engine does.
 
-Achieved FLOP/s come from the analytic model (``hdcli.flops``); MFU divides them by the device's dense
+Achieved FLOP/s come from the analytic model (``hdcli.tools.flops``); MFU divides them by the device's dense
 bf16 peak (``PEAK_TFLOPS`` or ``--peak-tflops``); ``of_gemm`` divides them by a large matmul measured in
 the same run and dtype (an "MFU" for any device, CPUs included).
 
@@ -220,9 +220,9 @@ def _check(b: DistillBench, device: torch.device) -> None:
 
 def _config(b: DistillBench, mim_arch: str, feat_arch: str):
     """The DistillConfig of the benchmarked run: the paper's defaults, random-weight teachers, tiny overrides."""
-    from hdcli import flops
     from hdcli.config import DistillConfig, validate
     from hdcli.method import default_blocks
+    from hdcli.tools import flops
 
     over = b.overrides()
     tkw = {**over, **({"patch_size": b.patch_size} if b.patch_size else {})}
@@ -324,7 +324,7 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
     ``debug_from``: from that step on, CUDA host syncs raise warnings (``torch.cuda.set_sync_debug_mode``)."""
     import copy
 
-    from hdcli.distill import DistillTask, build_method
+    from hdcli.tasks.distill import DistillTask, build_method
 
     class BenchTask(DistillTask):
         def __init__(self, cfg):
@@ -396,8 +396,8 @@ class Parts:
 
     def __init__(self, method, images_u8: torch.Tensor, cfg, *, dtype: str, breakdown: bool = True,
                  reference: bool = False, reference_reps: int = 1, gemm_size: int | None = None):
-        from hdcli import engine
         from hdcli.data import normalize
+        from hdcli.train import optim
 
         self.method, self.cfg, self.dtype = method, cfg, dtype
         device = self.device = next(method.parameters()).device
@@ -408,10 +408,8 @@ class Parts:
         if breakdown:
             oc = cfg.optim
             self.params = [p for p in method.parameters() if p.requires_grad]
-            self.opt = torch.optim.AdamW(engine.param_groups_weight_decay(method, oc.weight_decay),
-                                         lr=engine.scaled_lr(oc.blr, cfg.train.batch_size, oc.lr),
-                                         betas=tuple(oc.betas), eps=oc.eps,
-                                         fused=True if engine._fused_ok(device) else None)
+            self.opt = optim.build_adamw(optim.param_groups_weight_decay(method, oc.weight_decay), oc,
+                                         optim.scaled_lr(oc.blr, cfg.train.batch_size, oc.lr), device)
             self.clip = oc.clip_grad if oc.clip_grad else float("inf")
             with torch.no_grad(), self.amp:
                 self.cached = method._teacher_pass(self.images)
@@ -512,7 +510,8 @@ def distill(b: DistillBench) -> dict:
     reference and the matmul run once between every two engine steps (outside their timing), so all
     figures see the same machine load; otherwise they run after the engine's timed window.
     """
-    from hdcli import engine, flops
+    from hdcli.tools import flops
+    from hdcli.train import engine
 
     cuda = torch.cuda.is_available() and not b.cpu
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")

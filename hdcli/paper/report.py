@@ -28,7 +28,7 @@ from pathlib import Path
 
 from hdcli.errors import HDError, did_you_mean
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAPER_RESULTS = REPO / "recipes" / "paper_results.toml"
 REPORTS = {"table1": ("table1",), "table2": ("table2",),
            "ablations": ("table3", "table4", "table5", "table6", "table7", "table8")}

@@ -20,7 +20,7 @@ stages always pass ``--resume auto``, so an interrupted one continues from its n
 random teachers as in recipes/distill/tiny-cpu.toml), the demo digits for every data set and a few steps
 per stage, on the CPU, in-process (one interpreter for all stages).
 
-GPU-hours come from the analytic FLOP model (``hdcli.flops``: model FLOPs of every step) divided by an
+GPU-hours come from the analytic FLOP model (``hdcli.tools.flops``: model FLOPs of every step) divided by an
 achieved TFLOP/s per GPU: measured by ``hd bench distill --json`` on your GPU (``bench=``), given
 (``tflops=``), or else an assumption that the plan labels as such.
 """
@@ -43,8 +43,9 @@ from datetime import datetime
 from functools import cache
 from pathlib import Path
 
-from hdcli import config, report, ui
+from hdcli import config, ui
 from hdcli.errors import HDError, did_you_mean
+from hdcli.paper import report
 
 REPO = report.REPO
 PAPER_RECIPES = REPO / "recipes" / "paper"
@@ -176,7 +177,8 @@ def _wrap_nodes(argv: list[str], nodes: int) -> list[str]:
 @cache
 def arch_dims(arch: str, **kwargs):
     """ViTDims of a timm architecture or teacher name (meta device: no weights)."""
-    from hdcli import flops, teachers
+    from hdcli import teachers
+    from hdcli.tools import flops
 
     if arch == WEAK_MAE or arch.startswith(("local-dir:", "/", ".")):
         arch = "vit_base_patch16_224.mae"  # a teacher directory: the estimate assumes an MAE ViT-B/16
@@ -215,10 +217,10 @@ def targets_of(dc) -> list[dict]:
 
 def distill_flops(cfg, dims: Callable[[str], object] | None = None) -> int:
     """Model FLOPs of one distillation step per image for any ``[distill]`` section, with the counting rules
-    of ``hdcli.flops.hybrid_step`` (teachers run up to the last block a target or the mask needs; relations
+    of ``hdcli.tools.flops.hybrid_step`` (teachers run up to the last block a target or the mask needs; relations
     and the student on CLS + kept patches; backward = 2x forward, patch embedding 1x). Elementwise losses
     are left out."""
-    from hdcli import flops
+    from hdcli.tools import flops
 
     dims = dims or (lambda name: arch_dims(name, img_size=cfg.data.img_size))
     dc = cfg.distill
@@ -267,7 +269,7 @@ def patch_of(d) -> int:
 
 def train_flops(d, n_patches: int) -> int:
     """Forward + backward of a plain ViT classifier on all tokens, per image."""
-    from hdcli import flops
+    from hdcli.tools import flops
 
     fwd = flops.encoder(d, n_patches, d.prefix + n_patches, d.depth)
     pe = flops.patch_embed(d, n_patches)
@@ -276,7 +278,7 @@ def train_flops(d, n_patches: int) -> int:
 
 def vitdet_flops(d, size: int = COCO_SIZE, window: int = COCO_WINDOW) -> int:
     """Backbone forward + backward of ViTDet at ``size``² (window attention except 4 global blocks), per image."""
-    from hdcli import flops
+    from hdcli.tools import flops
 
     side = size // patch_of(d)
     n = side * side
@@ -587,7 +589,7 @@ def format_plan(p: Plan) -> str:
     smoke = p.scale == "smoke"
     where = "the CPU, in-process" if smoke else f"{p.gpus} GPU(s) x {p.nodes} node(s)"
     lines = [f"# hd reproduce {p.target}: scale {p.scale}, on {where}, out {p.out}",
-             f"# GPU-hours: model FLOPs (hdcli.flops) / {p.tflops_source}" if not smoke else
+             f"# GPU-hours: model FLOPs (hdcli.tools.flops) / {p.tflops_source}" if not smoke else
              "# SCALE=smoke: tiny models, random teachers, demo digits, "
              f"{SMOKE_STEPS} steps per stage (numbers are not comparable to the paper)",
              "# a stage whose result exists is skipped; training stages resume from their newest checkpoint", ""]

@@ -1,6 +1,6 @@
 """Pre-training of teachers from scratch, as ``Task``s for the one engine loop: ``hd pretrain mae|supervised``.
 
-    from hdcli import pretrain
+    from hdcli.tasks import pretrain
     cfg = pretrain.load_config("mae", overrides={"train.steps": 300, "data.img_size": 32, ...})
     pretrain.pretrain(cfg, "runs/mae-tiny")      # -> <run>/student/ (timm save_for_hf layout)
 
@@ -30,8 +30,8 @@ from torch import nn
 
 from hdcli import config, data
 from hdcli.config import DataConfig, OptimConfig, StudentConfig, TrainConfig
-from hdcli.engine import Task
 from hdcli.errors import HDError
+from hdcli.train.task import Task
 
 MODES = ("mae", "supervised")
 
@@ -183,7 +183,7 @@ class MaskedAutoencoder(nn.Module):
         from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
         from timm.models.vision_transformer import Block
 
-        from hdcli import vit
+        from hdcli.models import vit
 
         vit.check_vit(encoder, "the MAE encoder")
         p = vit.patch_size(encoder)
@@ -211,7 +211,7 @@ class MaskedAutoencoder(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, images: torch.Tensor):
-        from hdcli import vit
+        from hdcli.models import vit
 
         b = images.shape[0]
         n = self.grid[0] * self.grid[1]
@@ -295,7 +295,7 @@ class SupervisedTask(Task):
         from timm.data import create_transform
         from torchvision import transforms
 
-        from hdcli.finetune import _posterize_compat, _SeedNumpy
+        from hdcli.tasks.finetune import _posterize_compat, _SeedNumpy
 
         d, p = self.cfg.data, self.cfg.pretrain
         try:
@@ -361,7 +361,7 @@ def make_task(cfg: PretrainConfig) -> Task:
 def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, *, resume: str | None = None,
              resume_hint: str | None = None) -> dict:
     """Train ``cfg`` with the engine into ``run_dir``; returns the engine's summary (``student``: the export)."""
-    from hdcli import engine
+    from hdcli.train import engine
 
     data.parse_source(cfg.data.source)  # a wrong path fails before any run dir exists
     return engine.train(lambda: make_task(cfg), cfg, run_dir, resume=resume, resume_hint=resume_hint)

@@ -1,8 +1,8 @@
 """The distillation task for the engine: a ``DistillConfig`` -> student, teachers, method, data, export.
 
     from hdcli.config import DistillConfig
-    from hdcli import engine
-    from hdcli.distill import DistillTask
+    from hdcli.train import engine
+    from hdcli.tasks.distill import DistillTask
     engine.train(lambda: DistillTask(cfg), cfg, "runs/x")
 
 Teachers are what ``hdcli.teachers.resolve`` accepts (registry names, timm tags, ``local-dir:PATH``, a
@@ -21,8 +21,8 @@ from torch import nn
 
 from hdcli import data, teachers
 from hdcli.config import DistillConfig
-from hdcli.engine import Task
 from hdcli.errors import HDError
+from hdcli.train.task import Task
 
 RANDOM = "random:"
 

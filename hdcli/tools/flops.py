@@ -106,7 +106,7 @@ def block(v: ViTDims, tokens: int) -> int:
 
 
 def relations(v: ViTDims, tokens: int) -> int:
-    """One q·kᵀ tap (``hdcli.vit.relations``): the q and k rows of qkv, then q·kᵀ without attn·v."""
+    """One q·kᵀ tap (``hdcli.models.vit.relations``): the q and k rows of qkv, then q·kᵀ without attn·v."""
     return linear(tokens, v.dim, 2 * v.attn_dim) + 2 * v.heads * tokens * tokens * v.head_dim
 
 

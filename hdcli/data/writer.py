@@ -1,0 +1,116 @@
+"""``hd data shards``: write a source as WebDataset shards (``{split}-{000000..}.tar``) and timm's ``_info.json``."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+from hdcli import ui
+from hdcli.data.shards import _is_shard_name
+from hdcli.data.sources import SPLIT_DIRS, Source, _split_alias, open_records, parse_source
+from hdcli.errors import HDError, did_you_mean
+
+# ---------------------------------------------------------------------------------------------------------
+# Shard writer
+
+
+def _writable_splits(src: Source) -> list[str]:
+    if src.kind == "folder":
+        root = Path(src.path)
+        present = [s for s in ("train", "val") if any((root / d).is_dir() for d in SPLIT_DIRS[s])]
+        return present or ["train"]
+    return ["train", "val"]
+
+
+def write_shards(source: str | os.PathLike | None, out: str | os.PathLike, *, maxcount: int = 1000,
+                 splits: list[str] | None = None, image_format: str = "auto", quality: int = 95,
+                 seed: int = 0, shuffle: bool = True, name: str | None = None, force: bool = False,
+                 on_progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Write ``OUT/{split}-{000000..}.tar`` (``maxcount`` samples each: ``<ext>`` image + ``cls``) and
+    timm's ``OUT/_info.json``; returns the info dict. Train samples are shuffled (seeded) so that each
+    shard mixes classes; other splits keep their order. Unreadable images are skipped with a warning.
+
+    image_format: ``auto`` keeps a folder's jpg/png/webp bytes as they are and stores arrays as PNG;
+    ``png``/``jpg``/``webp`` re-encode everything.
+    """
+    if maxcount < 1:
+        raise HDError(f"--maxcount must be at least 1, got {maxcount}")
+    if image_format not in ("auto", "png", "jpg", "webp"):
+        raise HDError(f"unknown image format {image_format!r}", did_you_mean(image_format, ["auto", "png", "jpg", "webp"]))
+    src = parse_source(source)
+    if src.kind == "shards":
+        raise HDError(f"{src.spec} is already WebDataset shards", "give an image folder, demo, fashion-mnist or cifar100:DIR")
+    splits = [_split_alias(s) for s in (splits or _writable_splits(src))]
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    old = [f for f in out.iterdir() if f.name == "_info.json" or (_is_shard_name(f.name) and f.name.startswith(
+        tuple(f"{s}-" for s in splits)))]
+    if old and not force:
+        raise HDError(f"{out} already holds shards ({old[0].name}, ...)", "use --force to replace them, or another OUT")
+    for f in old:
+        f.unlink()
+    records = {s: open_records(src, s) for s in splits}
+    info: dict = {"name": name or (src.kind if src.kind != "folder" else Path(src.path).name),
+                  "num_classes": len(records[splits[0]].classes),
+                  "classes": list(records[splits[0]].classes), "splits": {}}
+    for split in splits:
+        rec = records[split]
+        order = list(range(len(rec)))
+        if shuffle and split == "train":
+            random.Random(seed).shuffle(order)
+        filenames, lengths, skipped = [], [], 0
+        writer, count, done = None, 0, 0
+        try:
+            for i in order:
+                try:
+                    ext, data = rec.encoded(i) if image_format == "auto" else _reencode(rec.load(i), image_format, quality)
+                except Exception as e:
+                    skipped += 1
+                    ui.warn(f"skipping unreadable image {rec.key(i)} in {rec.where}: {type(e).__name__}: {e}")
+                    continue
+                if writer is None or count >= maxcount:
+                    if writer is not None:
+                        _close_shard(writer, out / filenames[-1])
+                        lengths.append(count)
+                    filenames.append(f"{split}-{len(filenames):06d}.tar")
+                    writer, count = wds.TarWriter(str(out / (filenames[-1] + ".tmp")), mtime=0), 0
+                writer.write({"__key__": f"{split}_{done:08d}", ext: data, "cls": str(rec.label(i)).encode()})
+                count += 1
+                done += 1
+                if on_progress:
+                    on_progress(split, done + skipped, len(rec))
+        finally:
+            if writer is not None:
+                _close_shard(writer, out / filenames[-1])
+                lengths.append(count)
+        if skipped:
+            ui.warn(f"{split}: skipped {skipped} unreadable images of {len(rec)}")
+        info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": filenames,
+                                 "shard_lengths": lengths}
+    tmp = out / "_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, out / "_info.json")
+    return info
+
+
+def _close_shard(writer, final: Path) -> None:
+    writer.close()
+    os.replace(str(final) + ".tmp", final)  # a crash never leaves a half-written shard under the final name
+
+
+def _reencode(img: Image.Image, fmt: str, quality: int) -> tuple[str, bytes]:
+    buf = io.BytesIO()
+    if fmt == "png":
+        img.save(buf, format="PNG")
+    else:
+        img.save(buf, format="JPEG" if fmt == "jpg" else "WEBP", quality=quality)
+    return fmt, buf.getvalue()
+
+
+

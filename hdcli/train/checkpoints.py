@@ -1,0 +1,222 @@
+"""Checkpoints and the loop's other file I/O: atomic ``step_*`` dirs, finding and loading them, the export,
+the metrics log, the free-space check and one-line reasons for failed writes.
+
+A checkpoint ``<run>/checkpoints/step_XXXXXXX`` (``accelerator.save_state`` + ``state.json``) is written under
+a temporary name and renamed, so a directory named ``step_*`` is always complete; the last
+``keep_checkpoints`` are kept. Only the trainable module's weights are saved (frozen teachers are rebuilt
+from their source, never copied into checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from hdcli.errors import HDError
+from hdcli.rundir import CHECKPOINTS, METRICS, STATE, atomic_write, write_json
+
+PREFIX = "step_"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run (``step_*`` dirs holding state.json), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and d.name.startswith(PREFIX) and d.name[len(PREFIX):].isdigit() and (d / STATE).is_file():
+            found.append((int(d.name[len(PREFIX):]), d))
+    return [d for _, d in sorted(found)]
+
+
+def find_checkpoint(resume: str | os.PathLike | None, run_dir: str | os.PathLike) -> Path | None:
+    """``auto``: the newest complete checkpoint of ``run_dir`` (None if there is none); a path: that
+    checkpoint, or the newest one of the run dir / checkpoints dir it names."""
+    if resume is None:
+        return None
+    if str(resume) == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if (path / STATE).is_file():
+        return path
+    for run in (path, path.parent):
+        found = list_checkpoints(run)
+        if found and (path == run or path.name == CHECKPOINTS):
+            return found[-1]
+    raise HDError(f"no complete checkpoint at {path}",
+                  "give a checkpoints/step_* dir, a run dir, or --resume auto")
+
+
+def read_state(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise HDError(f"checkpoint {ckpt} is unreadable ({e})", "resume from an older one or start afresh") from None
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def fault_injected(name: str) -> str | None:
+    """For tests only: ``HD_FAULT_INJECT="free_bytes=1000"`` (comma-separated NAME=VALUE) makes the engine
+    behave as if that fault were real. ``free_bytes``: the free space the disk check sees."""
+    for item in os.environ.get("HD_FAULT_INJECT", "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+def check_free_space(path: Path, need: int) -> None:
+    """HDError when ``path``'s filesystem has less than ``need`` bytes free (checked before the first save)."""
+    free = shutil.disk_usage(path).free
+    if (fake := fault_injected("free_bytes")) is not None:
+        free = min(free, int(fake))
+    if free < need:
+        raise HDError(f"only {fmt_bytes(free)} free under {path}; checkpoints and the export need about "
+                      f"{fmt_bytes(need)}", "free some space, lower --keep-checkpoints, or choose another --out")
+
+
+def unwritable(run_dir: Path, e: OSError) -> HDError:
+    return HDError(f"cannot write to the run dir {run_dir}: {e.strerror or e}",
+                   "check its permissions and free space, or choose another --out")
+
+
+def rmtree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def reason(e: BaseException) -> str:
+    """One line saying why a write failed: OSError's text, or the first line of a library's error (a full
+    disk reaches safetensors as SafetensorError and torch.save as RuntimeError, not as OSError)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text[:300]
+
+
+def load_trainable(model: nn.Module, frozen_names: set[str], ckpt: Path) -> None:
+    """Load the trainable weights of a checkpoint; HDError listing missing/unexpected keys on a mismatch."""
+    from safetensors.torch import load_file
+
+    path = ckpt / "model.safetensors"
+    if not path.is_file():
+        raise HDError(f"checkpoint {ckpt} has no model.safetensors", "it is incomplete or not an hd checkpoint")
+    try:
+        sd = load_file(str(path), device="cpu")
+    except Exception as e:  # SafetensorError: a file cut or changed after the checkpoint was written
+        raise HDError(f"checkpoint {ckpt} is unreadable ({reason(e)})", "resume from an older one or start afresh") from None
+    own = model.state_dict()
+    expected = {k for k in own if k not in frozen_names}
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    shape = sorted(k for k in expected & sd.keys() if tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shape:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
+            if keys:
+                parts.append(f"{what}: {', '.join(keys[:6])}" + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else ""))
+        raise HDError(f"checkpoint {ckpt} was written for another model ({'; '.join(parts)})",
+                      "resume with the run's own config, or start a new --out")
+    model.load_state_dict(sd, strict=False)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """accelerator.save_state into a temp dir, then rename: a ``step_*`` dir is always complete."""
+    root = run_dir / CHECKPOINTS
+    final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
+    main = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    try:
+        if main:
+            rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            write_json(tmp / STATE, state)
+            if final.exists():  # the same step saved before (e.g. stopped right after a periodic save)
+                rmtree(final)
+            os.replace(tmp, final)
+    except Exception as e:  # OSError, SafetensorError, RuntimeError: a failed save is an error, never skipped
+        if main:
+            rmtree(tmp)
+        raise HDError(f"could not write checkpoint {final}: {reason(e)}",
+                      "check free space and permissions of the run dir; earlier checkpoints are intact") from None
+    if main:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export(task, accelerator, model: nn.Module, run_dir: Path) -> Path:
+    """``task.export`` into ``<run>/.tmp-<export_dir>``, then renamed over ``<run>/<export_dir>``: the export dir
+    is always complete; a failed export is an error and leaves the checkpoints as they were."""
+    final = run_dir / task.export_dir
+    tmp, old = run_dir / f".tmp-{task.export_dir}", run_dir / f".old-{task.export_dir}"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        rmtree(tmp)
+        try:
+            tmp.mkdir(parents=True)
+            task.export(model, tmp)
+            if final.exists():
+                rmtree(old)
+                os.replace(final, old)
+            os.replace(tmp, final)
+        except HDError:
+            rmtree(tmp)
+            raise
+        except Exception as e:  # OSError, SafetensorError, RuntimeError (a full disk): an error, never skipped
+            rmtree(tmp)
+            raise HDError(f"could not write {final}: {reason(e)}",
+                          "check free space and permissions; the checkpoints are intact") from None
+        rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """On resume drop the records of ``<run>/metrics.jsonl`` written after the checkpoint (they are trained
+    again); a fresh start (step 0) removes the file."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut by a crash
+    atomic_write(path, "".join(line + "\n" for line in keep))
+
+
+def append_metrics(run_dir: Path, rec: dict) -> None:
+    """One record appended to ``<run>/metrics.jsonl``; a failed write (a full disk mid-run) is an error, never
+    a silently missing record."""
+    try:
+        with open(run_dir / METRICS, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    except OSError as e:
+        raise unwritable(run_dir, e) from None

@@ -1,0 +1,110 @@
+"""What the loop says while it runs: loss sums per window, the metrics record, the progress bar or plain lines.
+
+A record (one line of ``<run>/metrics.jsonl``) holds the step, epoch, lr, every entry of the task's loss dict
+averaged over the window, the gradient norm, the skipped-step and bad-image counts, images/s and the elapsed
+time. Reading the sums is the loop's only host sync, so it happens every ``log_every`` steps only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from hdcli import ui
+from hdcli.train.checkpoints import append_metrics
+
+# record entries that are not the task's loss parts (shown specially, or not at all, in log lines)
+_FIXED = ("step", "epoch", "lr", "img_per_s", "time_s", "grad_norm", "skipped_steps", "bad_images")
+
+
+def say(msg: str) -> None:
+    """A message that stays on one line in cluster logs (paths are copied from there)."""
+    ui.console.print(msg, soft_wrap=True)
+
+
+def fmt_time(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Log:
+    """Loss sums of the current window, turned into a record every ``log_every`` steps and shown.
+
+    ``add(out, accum)`` after each micro-batch (device tensors, no sync); ``record(...)`` reduces over ranks
+    and starts a new window; ``write(rec)`` appends it to metrics.jsonl and shows it (main process only).
+    Used as a context manager, it holds the progress bar (main process, interactive terminals).
+    """
+
+    def __init__(self, *, name: str, keys: Sequence[str], run_dir, n_steps: int, start: int, global_batch: int,
+                 main: bool, accelerator, tensorboard: bool):
+        self.keys, self.run_dir, self.n_steps, self.start = tuple(keys), run_dir, n_steps, start
+        self.global_batch, self.main, self.accelerator, self.tensorboard = global_batch, main, accelerator, tensorboard
+        self.sums: dict[str, torch.Tensor] = {}
+        self.window = 0
+        self.t_start = self.t_window = time.perf_counter()
+        self.first_loss = self.last_loss = None
+        self.bar = ui.progress() if main else None
+        self.bar_task = None
+        self._name = name
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+            self.bar_task = self.bar.add_task(self._name, total=self.n_steps, completed=self.start, info="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+    def add(self, out: dict[str, torch.Tensor], accum: int) -> None:
+        for k, v in out.items():
+            v = v.detach().float() / accum
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+
+    def step_done(self) -> None:
+        self.window += 1
+        if self.bar is not None:
+            self.bar.update(self.bar_task, advance=1)
+
+    def record(self, *, done: int, epoch: float, lr: float, grad_norm: torch.Tensor, skipped: torch.Tensor,
+               bad_images: int, world: int) -> dict:
+        """The window's record, averaged over ranks (one host sync); a new window starts."""
+        keys = list(self.sums)
+        device = grad_norm.device
+        bad = torch.tensor(float(bad_images), device=device)
+        vals = torch.stack([self.sums[k] for k in keys] + [bad * world, skipped, grad_norm.detach().float()])
+        vals = (self.accelerator.reduce(vals, "mean") if world > 1 else vals).tolist()
+        dt = time.perf_counter() - self.t_window
+        rec = {"step": done, "epoch": epoch, "lr": lr, **{k: v / self.window for k, v in zip(keys, vals, strict=False)},
+               "grad_norm": vals[-1], "skipped_steps": int(round(vals[-2])), "bad_images": int(round(vals[-3])),
+               "img_per_s": self.global_batch * self.window / max(dt, 1e-9), "time_s": time.perf_counter() - self.t_start}
+        self._loss_keys = set(keys)
+        self.sums, self.window, self.t_window = {}, 0, time.perf_counter()
+        self.first_loss = rec["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = rec["loss"]
+        return rec
+
+    def write(self, rec: dict) -> None:
+        """Append ``rec`` to metrics.jsonl, show it, and send it to the tracker (main process only)."""
+        if not self.main:
+            return
+        append_metrics(self.run_dir, rec)
+        shown = " ".join(f"{k} {rec[k]:.4f}" for k in self.keys if k in rec)
+        info = f"{shown} lr {rec['lr']:.2e} {rec['img_per_s']:.0f} img/s"
+        if rec.get("skipped_steps"):
+            info += f" skipped {rec['skipped_steps']}"
+        if rec.get("bad_images"):
+            info += f" bad images {rec['bad_images']}"
+        if self.tensorboard:
+            self.accelerator.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=rec["step"])
+        if self.bar is not None and not self.bar.disable:
+            self.bar.update(self.bar_task, info=info)
+            return
+        extra = " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                         if k not in self._loss_keys and k not in _FIXED and isinstance(v, int | float))
+        eta = rec["time_s"] / (rec["step"] - self.start) * (self.n_steps - rec["step"])
+        line = f"step {rec['step']}/{self.n_steps} ep {rec['epoch']:.2f} {info}" + (f" {extra}" if extra else "")
+        ui.console.print(line + f" eta {fmt_time(eta)}", soft_wrap=True, markup=False)  # one line per record

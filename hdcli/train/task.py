@@ -1,0 +1,59 @@
+"""The interface between the one training loop (:mod:`hdcli.train.engine`) and what it trains."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hdcli.rundir import STUDENT
+from hdcli.train.optim import param_groups_weight_decay
+
+
+class Task:
+    """What the engine trains. Subclass it (distill, finetune, pretrain) and fill in:
+
+    - ``model``: one ``nn.Module`` holding every trainable parameter (student + heads). The engine
+      moves it to the device, wraps it (DDP, autocast, compile) and hands the wrapped module back to
+      ``loss``; call that one so DDP syncs gradients.
+    - ``frozen``: modules that are used but never trained (teachers). Each goes through
+      ``accelerator.prepare_model(m, evaluation_mode=True)``: device, autocast, no DDP, eval mode.
+      Their tensors are never written to checkpoints, also if they are submodules of ``model``.
+    - ``train_loader(rank=, world_size=, seed=)``: an iterable of batches for this rank with
+      ``len()`` = batches per epoch (the same on every rank). Batches stay on the host (uint8 images);
+      the engine moves tensors to the device. If the loader has ``set_epoch(epoch)`` it is called
+      before each epoch; data order and augmentation must depend only on (seed, epoch, rank).
+    - ``loss(model, batch)``: a dict of scalar tensors with key ``"loss"`` (what is minimised); every
+      entry is averaged and logged.
+    - ``export(model, out_dir)``: write the result (unwrapped ``model``) into the empty ``out_dir``;
+      the engine renames it to ``<run>/<export_dir>`` afterwards (atomic).
+    - optional ``param_groups(model, weight_decay)`` (e.g. timm's layer decay; groups may carry
+      ``lr_scale``) and ``evaluate(model, accelerator, epoch) -> dict | None`` (after each finished
+      epoch, 0-based index, on all ranks; the returned numbers are logged); attributes ``log_keys``,
+      ``export_dir`` (default ``student``) and ``find_unused_parameters`` (DDP).
+    """
+
+    model: nn.Module
+    frozen: Sequence[nn.Module] = ()
+    log_keys: Sequence[str] = ("loss",)  # loss-dict entries shown in the progress bar and log lines
+    export_dir: str = STUDENT
+    find_unused_parameters: bool = False  # DDP: set when some trainable parameters get no gradient
+
+    def train_loader(self, *, rank: int, world_size: int, seed: int) -> Iterable:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        return param_groups_weight_decay(model, weight_decay)
+
+    def evaluate(self, model: nn.Module, accelerator, epoch: int) -> dict[str, float] | None:
+        return None
+
