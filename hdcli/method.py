@@ -17,7 +17,7 @@ mode, and ``method.teachers`` gives them to an engine that wants to prepare them
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,6 @@ from hdcli.models import vit
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-KINDS = ("features", "relations", "block", "msa")
 RELATION_HEADS = ("match", "mean")
 
 
@@ -63,11 +62,18 @@ class Target:
     @property
     def feature_like(self) -> bool:
         """Features, block and msa targets go into ``loss_feat`` through a linear head; relations do not."""
-        return self.kind != "relations"
+        return TAPS[self.kind].feature_like
 
     @property
     def s_blocks(self) -> tuple[int, ...]:
         return self.blocks if self.student_blocks is None else self.student_blocks
+
+    @property
+    def pairs(self) -> list[tuple[int | None, int | None]]:
+        """(teacher block, student block) pairs of the loss; one pair (None, None) for ``features``."""
+        if TAPS[self.kind].at == "final":
+            return [(None, None)]
+        return list(zip(self.blocks, self.s_blocks, strict=True))
 
 
 @dataclass
@@ -88,6 +94,36 @@ try:
 except ImportError:  # older torch
     from torch.export import register_dataclass as _register_dataclass
 _register_dataclass(DistillOutput)
+
+
+# ---------------------------------------------------------------- the kinds of target (one table, both passes)
+
+@dataclass(frozen=True)
+class Tap:
+    """How one kind of target is read from a model (teacher or student) at a block.
+
+    ``at``: which hidden state the tap starts from: ``enter`` (entering the block), ``leave`` (leaving it)
+    or ``final`` (``forward_features``: after all blocks and the final norm; no block index).
+    ``fn(block, h)``: the value from that hidden state ([B, T, D] -> [B, T, D] or [B, H, T, T]).
+    ``gather_first``: on the teacher, restrict ``h`` to CLS + kept tokens before ``fn`` (``fn`` acts per
+    token, or q·kᵀ restricted to kept rows and columns) rather than after (attention mixes all tokens).
+    ``feature_like``: the student's value goes through a linear head and the teacher's is LayerNormed
+    (METHOD.md), and the loss counts towards ``loss_feat``; otherwise towards ``loss_rel``.
+    """
+
+    at: str
+    fn: Callable[[nn.Module | None, torch.Tensor], torch.Tensor]
+    gather_first: bool
+    feature_like: bool
+
+
+TAPS: dict[str, Tap] = {
+    "features": Tap("final", lambda block, h: h, gather_first=True, feature_like=True),
+    "relations": Tap("enter", vit.relations, gather_first=True, feature_like=False),
+    "block": Tap("leave", lambda block, h: h, gather_first=True, feature_like=True),
+    "msa": Tap("enter", vit.msa, gather_first=False, feature_like=True),
+}
+KINDS = tuple(TAPS)
 
 
 # ---------------------------------------------------------------- losses (pure functions, METHOD.md "Loss")
@@ -207,8 +243,13 @@ class Distiller(nn.Module):
         self.grid = tuple(int(g) for g in student.patch_embed.grid_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.img_size = tuple(g * p for g, p in zip(self.grid, vit.patch_size(student), strict=True))
+        self._teachers = self._adapt_teachers(teachers, targets, mask_teacher, input_mean, input_std)
+        self.targets: tuple[Target, ...] = tuple(targets)
+        self.heads = nn.ModuleDict(self._check_targets())
+        self._setup_masking(mask_teacher, mask_blocks)
 
-        # teachers: validated, frozen, adapted to the student's grid; kept in a plain dict (not registered)
+    def _adapt_teachers(self, teachers, targets, mask_teacher, mean_in, std_in) -> dict[str, _Teacher]:
+        """Teachers validated, frozen and adapted to the student's grid; a plain dict (not registered)."""
         used = {t.teacher for t in targets} | ({mask_teacher} if mask_teacher else set())
         for name in used:
             if name not in teachers:
@@ -218,50 +259,49 @@ class Distiller(nn.Module):
                 raise HDError(f"teacher {name!r} is not used by any target", "drop it or add a target for it")
             if "." in name or not name:
                 raise HDError(f"teacher name {name!r} must be non-empty and contain no '.'")
-        self._teachers: dict[str, _Teacher] = {
-            name: _Teacher(m, name, self.grid, input_mean, input_std) for name, m in teachers.items()
-        }
+        return {name: _Teacher(m, name, self.grid, mean_in, std_in) for name, m in teachers.items()}
 
-        # targets: kinds, blocks (in range for both models), widths and head counts
-        self.targets: tuple[Target, ...] = tuple(targets)
+    def _check_targets(self) -> dict[str, nn.Linear]:
+        """Kinds, blocks (in range for both models), widths and head counts; the heads of feature-like targets."""
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise HDError(f"duplicate target names {names}", "give repeated teacher/kind pairs a distinct name=")
         heads = {}
+        s = self.student
         for t in self.targets:
-            if t.kind not in KINDS:
+            if t.kind not in TAPS:
                 raise HDError(f"unknown target kind {t.kind!r}", did_you_mean(t.kind, KINDS))
             tm = self._teachers[t.teacher].model
-            if t.kind == "features":
+            if TAPS[t.kind].at == "final":
                 if t.blocks or t.student_blocks:
                     raise HDError(f"target {t.name}: features are taken after the final norm, not at blocks",
                                   "use kind='block' for the output of an intermediate block")
-                heads[_head_key(t)] = _linear(vit.width(student), tm.num_features)
+                heads[_head_key(t)] = _linear(vit.width(s), tm.num_features)
                 continue
             if not t.blocks:
                 raise HDError(f"target {t.name} needs at least one block")
             vit.check_blocks(tm, t.blocks, f"teacher {t.teacher!r}", f"{t.kind} block")
-            vit.check_blocks(student, t.s_blocks, "the student", f"{t.kind} block")
+            vit.check_blocks(s, t.s_blocks, "the student", f"{t.kind} block")
             if len(t.s_blocks) != len(t.blocks):
                 raise HDError(f"target {t.name}: {len(t.blocks)} teacher blocks but {len(t.s_blocks)} student blocks",
                               "give one student block per teacher block")
-            if t.kind == "relations":
-                for bt, bs in zip(t.blocks, t.s_blocks, strict=True):
-                    ht, hs = vit.num_heads(tm, bt), vit.num_heads(student, bs)
-                    if ht != hs and relation_heads != "mean":
-                        raise HDError(f"teacher {t.teacher!r} has {ht} heads at block {bt}, the student {hs} at block {bs}",
-                                      "relations need equal head counts; pass relation_heads='mean' to average over heads")
-            else:
-                for b in t.blocks:
-                    heads[_head_key(t, b)] = _linear(vit.width(student), vit.width(tm))
-        self.heads = nn.ModuleDict(heads)
+            for bt, bs in t.pairs:
+                if not t.feature_like:  # relations: R is [B, H, T, T] on both sides
+                    ht, hs = vit.num_heads(tm, bt), vit.num_heads(s, bs)
+                    if ht != hs and self.relation_heads != "mean":
+                        raise HDError(f"teacher {t.teacher!r} has {ht} heads at block {bt}, the student {hs} at "
+                                      f"block {bs}", "relations need equal head counts; pass relation_heads='mean' "
+                                      "to average over heads")
+                else:
+                    heads[_head_key(t, bt)] = _linear(vit.width(s), vit.width(tm))
+        return heads
 
-        # masking: which teacher, which blocks, and the static keep count
+    def _setup_masking(self, mask_teacher: str | None, mask_blocks: Sequence[int]) -> None:
+        """Which teacher chooses the kept tokens, at which blocks, and the static keep count."""
         self.mask_teacher = mask_teacher
         self.mask_blocks = tuple(sorted(set(int(b) for b in mask_blocks)))
         self.n_keep = masking_lib.keep_count(self.num_patches, self.drop_ratio, len(self.mask_blocks))
-        self._needs_mask_hiddens = self.masking in ("progressive", "direct") and self.n_keep < self.num_patches
-        if self._needs_mask_hiddens:
+        if self.mask_teacher_blocks:
             if mask_teacher is None:
                 raise HDError(f"{self.masking} masking needs a mask teacher",
                               "name the MIM teacher as mask_teacher, or use masking='random' / 'none'")
@@ -277,6 +317,19 @@ class Distiller(nn.Module):
         """name -> frozen timm ViT (not submodules: see the module docstring)."""
         return {name: t.model for name, t in self._teachers.items()}
 
+    @property
+    def mask_teacher_blocks(self) -> tuple[int, ...]:
+        """The mask teacher's blocks whose entering hidden states choose the keep set: all mask blocks for
+        progressive masking, the last one for direct masking, none when nothing is dropped or the keep
+        set does not look at the data (random, none)."""
+        if self.masking not in ("progressive", "direct") or self.n_keep >= self.num_patches:
+            return ()
+        return self.mask_blocks if self.masking == "progressive" else self.mask_blocks[-1:]
+
+    def teacher_input(self, name: str, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (normalised for the student) as teacher ``name`` takes them: its own mean/std, size, dtype."""
+        return self._teachers[name].prepare(images)
+
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.half()/... also move the unregistered teachers (and their renorm constants)
         super()._apply(fn, *args, **kwargs)
@@ -291,105 +344,127 @@ class Distiller(nn.Module):
             raise HDError(f"no target named {target!r}", did_you_mean(target, [t.name for t in self.targets]))
         return self.heads[_head_key(t, block)]
 
-    # ---------------------------------------------------------------- forward
+    # ---------------------------------------------------------------- forward = teacher pass + student pass
 
     def forward(self, images: torch.Tensor) -> DistillOutput:
         """images: float [B, 3, H, W], normalised with ``input_mean/input_std`` -> DistillOutput."""
         if tuple(images.shape[-2:]) != self.img_size:
             raise HDError(f"images are {tuple(images.shape[-2:])} px but the student expects {self.img_size}",
                           "resize the data to the student's img_size (the keep sets and teachers are set up for it)")
+        return self.student_pass(images, self.teacher_pass(images))
+
+    def teacher_pass(self, images: torch.Tensor) -> TeacherTargets:
+        """Run each teacher as far as its targets need (under ``no_grad``): the keep set and the targets.
+
+        The mask teacher runs first on the full sequence (the mask is bookkeeping only); its hidden
+        states at the mask blocks give the keep set, then every tap is restricted to CLS + kept.
+        """
         with torch.no_grad():
-            keep, wanted = self._teacher_pass(images)  # keep [B, n_keep]; wanted[(name, block)] targets
-        s_targets = self._student_pass(images, keep)
-        loss_feat = images.new_zeros((), dtype=torch.float32)
-        loss_rel = images.new_zeros((), dtype=torch.float32)
+            order = sorted(self._teachers, key=lambda n: n != self.mask_teacher)  # mask teacher first
+            runs: dict[str, _Run] = {}
+            for name in order:
+                extra = self.mask_teacher_blocks if name == self.mask_teacher else ()
+                targets = [t for t in self.targets if t.teacher == name]
+                if targets or extra:  # e.g. a mask teacher under random/none masking: nothing to compute
+                    model = self._teachers[name].model
+                    runs[name] = _Run.of(model, vit.embed(model, self.teacher_input(name, images)),
+                                         [(t.kind, bt) for t in targets for bt, _ in t.pairs], enter=extra)
+            keep = self._keep(runs, images)
+            values: dict[tuple[str, int | None], torch.Tensor] = {}
+            for t in self.targets:
+                tap, run = TAPS[t.kind], runs[t.teacher]
+                for bt, _ in t.pairs:
+                    block = None if bt is None else run.model.blocks[bt]
+                    h = run.at(tap.at, bt)  # [B, 1+N, D]
+                    if tap.gather_first:
+                        v = tap.fn(block, vit.gather_tokens(h, keep))  # [B, 1+n, D] or [B, H, 1+n, 1+n]
+                    else:
+                        v = vit.gather_tokens(tap.fn(block, h), keep)  # [B, 1+n, D]
+                    values[(t.name, bt)] = normalize_target(v) if tap.feature_like else self._heads_of(v)
+        return TeacherTargets(keep=keep, values=values)
+
+    def student_pass(self, images: torch.Tensor, targets: TeacherTargets) -> DistillOutput:
+        """The student on CLS + kept tokens only (gathered before block 0), its taps, and the loss against
+        ``targets`` (what ``teacher_pass`` returned for the same images)."""
+        keep = targets.keep
+        s = self.student
+        x = vit.embed_kept(s, images, None if keep.shape[1] == self.num_patches else keep)  # [B, 1+n, D]
+        ckpt = bool(getattr(s, "grad_checkpointing", False)) and self.training
+        run = _Run.of(s, x, [(t.kind, bs) for t in self.targets for _, bs in t.pairs], checkpoint=ckpt)
+        mine: dict[tuple[str, int | None], torch.Tensor] = {}
+        for t in self.targets:
+            tap = TAPS[t.kind]
+            for _, bs in t.pairs:
+                v = tap.fn(None if bs is None else s.blocks[bs], run.at(tap.at, bs))
+                mine[(t.name, bs)] = v if tap.feature_like else self._heads_of(v)
+        return self.loss(mine, targets)
+
+    def loss(self, student: dict, targets: TeacherTargets) -> DistillOutput:
+        """L = L_feat + L_rel (METHOD.md "Loss"): each target's SmoothL1 averaged over its block pairs, the
+        student's feature-like taps through their linear heads, weighted and summed by kind."""
+        loss_feat = targets.keep.new_zeros((), dtype=torch.float32)
+        loss_rel = targets.keep.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         for t in self.targets:
-            if t.kind == "features":
-                part = smooth_l1(self.heads[_head_key(t)](s_targets[(t.name, None)]), wanted[(t.name, None)], self.beta)
-            elif t.kind == "relations":
-                part = sum(smooth_l1(s_targets[(t.name, bs)], wanted[(t.name, bt)], self.beta)
-                           for bt, bs in zip(t.blocks, t.s_blocks, strict=True)) / len(t.blocks)
-            else:
-                part = sum(smooth_l1(self.heads[_head_key(t, bt)](s_targets[(t.name, bs)]), wanted[(t.name, bt)], self.beta)
-                           for bt, bs in zip(t.blocks, t.s_blocks, strict=True)) / len(t.blocks)
+            part = sum(smooth_l1(self.heads[_head_key(t, bt)](student[(t.name, bs)]) if t.feature_like
+                                 else student[(t.name, bs)], targets.values[(t.name, bt)], self.beta)
+                       for bt, bs in t.pairs) / len(t.pairs)
             parts[t.name] = part
             if t.feature_like:
                 loss_feat = loss_feat + t.weight * part
             else:
                 loss_rel = loss_rel + t.weight * part
-        return DistillOutput(loss=loss_feat + loss_rel, loss_feat=loss_feat, loss_rel=loss_rel, keep=keep, parts=parts)
+        return DistillOutput(loss=loss_feat + loss_rel, loss_feat=loss_feat, loss_rel=loss_rel, keep=targets.keep,
+                             parts=parts)
 
-    def _teacher_pass(self, images: torch.Tensor):
-        """Run each teacher as far as its targets need; return the keep set and the normalised targets.
+    def _heads_of(self, r: torch.Tensor) -> torch.Tensor:
+        return head_mean(r) if self.relation_heads == "mean" else r
 
-        The mask teacher runs first on the full sequence (the mask is bookkeeping only); its hidden
-        states at the mask blocks give the keep set, then every tap is restricted to CLS + kept.
-        """
-        b = images.shape[0]
-        order = sorted(self._teachers, key=lambda n: n != self.mask_teacher)  # mask teacher first
-        runs = {}
-        for name in order:
-            t = self._teachers[name]
-            tg = [x for x in self.targets if x.teacher == name]
-            enter = {bk for x in tg if x.kind in ("relations", "msa") for bk in x.blocks}
-            leave = {bk for x in tg if x.kind == "block" for bk in x.blocks}
-            final = any(x.kind == "features" for x in tg)
-            if name == self.mask_teacher and self._needs_mask_hiddens:
-                mblocks = self.mask_blocks if self.masking == "progressive" else self.mask_blocks[-1:]
-                enter |= set(mblocks)
-            if not (enter or leave or final):
-                continue  # e.g. a mask teacher under random/none masking: nothing to compute
-            h = vit.embed(t.model, t.prepare(images))  # [B, 1+N, D]
-            runs[name] = (tg, *vit.run_blocks(t.model, h, enter=enter, leave=leave, final=final))
+    def _keep(self, runs: dict[str, _Run], images: torch.Tensor) -> torch.Tensor:
+        """The keep set [B, n_keep]: from the mask teacher's patch tokens entering its mask blocks, or drawn."""
+        blocks = self.mask_teacher_blocks
+        if blocks:
+            entering = runs[self.mask_teacher].entering
+            hiddens = [entering[i][:, 1:] for i in blocks]  # [B, N, D] patch tokens entering each mask block
+            return masking_lib.keep_set(self.masking, hiddens, self.drop_ratio, steps=len(self.mask_blocks))
+        return masking_lib.keep_set(self.masking, [], self.drop_ratio, batch=images.shape[0], n=self.num_patches,
+                                    steps=len(self.mask_blocks), device=images.device)
 
-        if self._needs_mask_hiddens:
-            entering = runs[self.mask_teacher][1]
-            mblocks = self.mask_blocks if self.masking == "progressive" else self.mask_blocks[-1:]
-            hiddens = [entering[i][:, 1:] for i in mblocks]  # [B, N, D] patch tokens entering each mask block
-            keep = masking_lib.keep_set(self.masking, hiddens, self.drop_ratio, steps=len(self.mask_blocks))
-        else:
-            keep = masking_lib.keep_set(self.masking, [], self.drop_ratio, batch=b, n=self.num_patches,
-                                        steps=len(self.mask_blocks), device=images.device)
 
-        wanted: dict[tuple[str, int | None], torch.Tensor] = {}
-        for name, (tg, entering, leaving, feats) in runs.items():
-            blocks = self._teachers[name].model.blocks
-            for x in tg:
-                if x.kind == "features":
-                    wanted[(x.name, None)] = normalize_target(vit.gather_tokens(feats, keep))
-                for bk in x.blocks:
-                    if x.kind == "relations":
-                        r = vit.relations(blocks[bk], vit.gather_tokens(entering[bk], keep))  # [B, H, 1+n, 1+n]
-                        wanted[(x.name, bk)] = head_mean(r) if self.relation_heads == "mean" else r
-                    elif x.kind == "msa":
-                        wanted[(x.name, bk)] = normalize_target(vit.gather_tokens(vit.msa(blocks[bk], entering[bk]), keep))
-                    elif x.kind == "block":
-                        wanted[(x.name, bk)] = normalize_target(vit.gather_tokens(leaving[bk], keep))
-        return keep, wanted
+@dataclass
+class TeacherTargets:
+    """What ``Distiller.teacher_pass`` gives the student pass: the keep set [B, n] and the normalised targets
+    by (target name, teacher block), the block None for ``features``."""
 
-    def _student_pass(self, images: torch.Tensor, keep: torch.Tensor) -> dict[tuple[str, int | None], torch.Tensor]:
-        """Student on CLS + kept tokens only (gathered before block 0); returns its taps per target."""
-        s = self.student
-        enter = {bk for t in self.targets if t.kind in ("relations", "msa") for bk in t.s_blocks}
-        leave = {bk for t in self.targets if t.kind == "block" for bk in t.s_blocks}
-        final = any(t.kind == "features" for t in self.targets)
-        x = vit.embed_kept(s, images, None if keep.shape[1] == self.num_patches else keep)  # [B, 1+n, D]
-        ckpt = bool(getattr(s, "grad_checkpointing", False)) and self.training
-        entering, leaving, feats = vit.run_blocks(s, x, enter=enter, leave=leave, final=final, checkpoint=ckpt)
-        out: dict[tuple[str, int | None], torch.Tensor] = {}
-        for t in self.targets:
-            if t.kind == "features":
-                out[(t.name, None)] = feats
-            for bk in t.s_blocks:  # empty for features
-                if t.kind == "relations":
-                    r = vit.relations(s.blocks[bk], entering[bk])  # [B, H, 1+n, 1+n]
-                    out[(t.name, bk)] = head_mean(r) if self.relation_heads == "mean" else r
-                elif t.kind == "msa":
-                    out[(t.name, bk)] = vit.msa(s.blocks[bk], entering[bk])
-                else:
-                    out[(t.name, bk)] = leaving[bk]
-        return out
+    keep: torch.Tensor
+    values: dict[tuple[str, int | None], torch.Tensor]
+
+
+@dataclass
+class _Run:
+    """The hidden states one forward through a model's blocks kept for its taps (``vit.run_blocks``)."""
+
+    model: nn.Module
+    entering: dict[int, torch.Tensor]
+    leaving: dict[int, torch.Tensor]
+    features: torch.Tensor | None
+
+    @classmethod
+    def of(cls, model: nn.Module, x: torch.Tensor, taps: Sequence[tuple[str, int | None]], *,
+           enter: Sequence[int] = (), checkpoint: bool = False) -> _Run:
+        """Run ``model`` on the embedded ``x`` only as far as the (kind, block) ``taps`` and ``enter`` need."""
+        wants = {"enter": set(enter), "leave": set(), "final": False}
+        for kind, b in taps:
+            at = TAPS[kind].at
+            if at == "final":
+                wants["final"] = True
+            else:
+                wants[at].add(b)
+        return cls(model, *vit.run_blocks(model, x, enter=wants["enter"], leave=wants["leave"], final=wants["final"],
+                                          checkpoint=checkpoint))
+
+    def at(self, where: str, block: int | None) -> torch.Tensor:
+        return self.features if where == "final" else (self.entering if where == "enter" else self.leaving)[block]
 
 
 def _head_key(t: Target, block: int | None = None) -> str:
@@ -408,6 +483,15 @@ class HybridDistill(Distiller):
     """The paper's Hybrid Distill (Sec. 3): features of ``feat_teacher`` (CLIP or DeiT) after its final
     norm, plus ``alpha`` × relations q·kᵀ of ``mim_teacher`` (MAE) entering ``relation_blocks``, with the
     student seeing CLS + the tokens kept by progressive redundant-token masking from the MIM teacher.
+
+    The loss (paper Eq. 3; METHOD.md "Loss"), over the CLS + kept tokens T' chosen from the MIM teacher's
+    blocks ``mask_blocks`` (Eq. 4):
+
+        L = L_feat + α · L_rel
+        L_feat = SmoothL1_β( h(x_S^L),  LN(x_T^L) )                        feature teacher T, head h
+        L_rel  = 1/|B| Σ_{i ∈ B} SmoothL1_β( q_S^i k_S^iᵀ,  q_M^i k_M^iᵀ )   MIM teacher M, blocks B
+
+    ``out.loss_feat`` and ``out.loss_rel`` are the two terms (α already applied to the second).
 
     Teachers are named ``"feature"`` and ``"mim"``; targets ``"feature/features"`` and ``"mim/relations"``.
     ``student_relation_blocks`` (default: ``relation_blocks``) are the student's blocks for the relations.

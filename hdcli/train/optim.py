@@ -42,8 +42,7 @@ def lr_at(step: int, *, total: int, warmup: int, peak: float, min_lr: float = 0.
 
 def scaled_lr(blr: float, global_batch: int, lr: float | None = None) -> float:
     """lr = blr × global batch / 256 (METHOD.md), unless an absolute ``lr`` is given."""
-
-
+    return lr if lr is not None else blr * global_batch / 256
 
 
 def total_steps(*, epochs: int, steps: int | None, batches_per_epoch: int, accum_steps: int) -> int:
