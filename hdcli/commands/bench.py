@@ -115,7 +115,7 @@ def _print_distill(res: dict) -> None:
     from rich.table import Table
 
     from hdcli import ui
-    from hdcli.tools.bench import fmt_num
+    from hdcli.tools.timing import fmt_num
 
     c = res["config"]
     title = (f"{c['student']} ← {' + '.join(c['teachers'])} · batch {c['batch_size']} · {c['dtype']}"

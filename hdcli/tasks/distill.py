@@ -102,6 +102,7 @@ class DistillTask(Task):
         for i, name in enumerate(dc.teachers):
             if name not in models:  # the same teacher twice (Tc + T'c) is loaded once
                 models[name] = build_teacher(name, cfg, i)
+        self.teacher_models = models  # name in distill.teachers -> frozen model (build_method's input)
         self.model = build_method(student, models, dc)
         self.frozen = list({id(m): m for m in self.model.teachers.values()}.values())
         # without a features target the student's last blocks/norm get no gradient: DDP must know

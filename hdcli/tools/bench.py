@@ -8,10 +8,10 @@ forward + backward, clipping, AdamW, the engine's bookkeeping). The run is stopp
 step (nothing is saved). Each part is also timed alone on the same models, with the method's own code:
 
 - ``mim_teacher``: the MIM teacher pass (blocks up to the last one entered, keep set, q·kᵀ on kept tokens)
-  = ``Distiller._teacher_pass`` of a view holding only the relations target;
+  = ``Distiller.teacher_pass`` of a view holding only the relations target;
 - ``feat_teacher``: the feature teacher pass (all blocks, gather, per-token LayerNorm) = the same for a view
   holding only the features target (its keep set is a random one of the same size);
-- ``student``: the hybrid's forward with its teacher pass replaced by a cached result, + backward;
+- ``student``: the hybrid's ``student_pass`` on a cached ``teacher_pass`` result, + backward;
 - ``optimizer``: gradient clipping + AdamW (fused where available) + zero_grad, as the engine does.
 
 Achieved FLOP/s come from the analytic model (``hdcli.tools.flops``); MFU divides them by the device's dense
@@ -28,104 +28,35 @@ steps between the method and the same method at another drop ratio (``_Alternate
 
 from __future__ import annotations
 
-import math
 import os
-import platform
-import resource
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from hdcli.errors import HDError, did_you_mean
+from hdcli.tools.timing import (
+    TORCH_DTYPES,
+    autocast,
+    device_name,
+    loadavg,
+    median_ms,
+    peak_memory_mb,
+    peak_tflops,
+    sync,
+)
 
 DTYPES = ("bf16", "fp16", "fp32")
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PARTS = ("mim_teacher", "feat_teacher", "student", "optimizer")
 
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets. Matched against
-# torch.cuda.get_device_name(), first hit wins (so the PCIe/NVL H100 variants come before plain "H100").
-PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM5
-    ("H200", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("RTX 4090", 165.0),
-)
-
-
-def peak_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak of a GPU by name (``PEAK_TFLOPS``), None when unknown (CPUs included)."""
-    for key, value in PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
-            return value
-    return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu} CPU, {torch.get_num_threads()} threads"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=TORCH_DTYPES[dtype])
-
-
-def timed(fn: Callable[[], object], *, reps: int, warmup: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``reps`` calls of ``fn`` after ``warmup`` untimed ones (device synchronised)."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def median_ms(seconds: Sequence[float]) -> float:
-    return 1e3 * statistics.median(seconds)
 
 
 # ---------------------------------------------------------------- large-matmul throughput
-
-def measure_gemm(device: torch.device, dtype: str = "fp32", *, size: int | None = None, reps: int = 5) -> dict:
-    """FLOP/s of a square ``size``² matmul in ``dtype`` (8192 on GPUs, 2048 on CPUs): the device's own
-    attainable peak. Returns {"tflops" (median), "size", "ms"}."""
-    size = size or (8192 if device.type == "cuda" else 2048)
-    tdt = TORCH_DTYPES[dtype]
-    if device.type == "cpu" and dtype == "fp16":
-        tdt = torch.float32  # fp16 autocast does not exist on the CPU; the step runs fp32 there
-    a = torch.randn(size, size, device=device, dtype=tdt)
-    b = torch.randn(size, size, device=device, dtype=tdt)
-    secs = timed(lambda: a @ b, reps=reps, warmup=1, device=device)
-    s = statistics.median(secs)
-    return {"tflops": 2 * size**3 / s / 1e12, "size": size, "ms": 1e3 * s}
-
 
 # ---------------------------------------------------------------- what to build
 
@@ -333,9 +264,7 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
             if compare_drop_ratio is not None:
                 dc = copy.deepcopy(cfg.distill)
                 dc.drop_ratio = compare_drop_ratio
-                teachers = self.method.teachers
-                other = build_method(self.method.student, {dc.teachers[0]: teachers["mim"],
-                                                           dc.teachers[1]: teachers["feature"]}, dc)
+                other = build_method(self.method.student, self.teacher_models, dc)
                 self.model = _Alternate(self.method, other)
 
         def train_loader(self, *, rank: int, world_size: int, seed: int):
@@ -347,7 +276,7 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
             if debug_from is not None and i == stop_at:
                 torch.cuda.set_sync_debug_mode("default")  # before our own synchronisation
             if sync_every or i in sync_at:
-                _sync(device)
+                sync(device)
             clock.ends.append(time.perf_counter())
             if debug_from is not None and i == debug_from:
                 torch.cuda.set_sync_debug_mode("warn")
@@ -355,7 +284,7 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
                 raise _Stop
             if between is not None:
                 between(self.method, i)
-                _sync(device)
+                sync(device)
             if which is not None:
                 self.model.which = which(i)
             clock.starts.append(time.perf_counter())
@@ -374,19 +303,25 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
 
 
 def _views(method):
-    """Single-teacher Distillers over the hybrid's own modules: their ``_teacher_pass`` is one teacher's part."""
+    """Single-teacher Distillers over the hybrid's own modules: their ``teacher_pass`` is one teacher's part
+    (the relations target's teacher, which also chooses the kept tokens; the features target's teacher)."""
     from hdcli.method import Distiller, Target
 
-    rel = next(t for t in method.targets if t.kind == "relations")
+    rel = _relations(method)
+    feat = next(t for t in method.targets if t.kind == "features")
     common = dict(mask_blocks=method.mask_blocks, drop_ratio=method.drop_ratio, beta=method.beta,
                   relation_heads=method.relation_heads)
-    mim = Distiller(method.student, {"mim": method.teachers["mim"]},
-                    [Target("mim", "relations", rel.blocks, student_blocks=rel.s_blocks)],
-                    mask_teacher="mim", masking=method.masking, **common)
+    mim = Distiller(method.student, {rel.teacher: method.teachers[rel.teacher]},
+                    [Target(rel.teacher, "relations", rel.blocks, student_blocks=rel.s_blocks)],
+                    mask_teacher=rel.teacher, masking=method.masking, **common)
     feat_masking = "none" if method.n_keep == method.num_patches else "random"
-    feat = Distiller(method.student, {"feature": method.teachers["feature"]}, [Target("feature", "features")],
+    feat = Distiller(method.student, {feat.teacher: method.teachers[feat.teacher]}, [Target(feat.teacher, "features")],
                      masking=feat_masking, **common)
     return mim, feat
+
+
+def _relations(method):
+    return next(t for t in method.targets if t.kind == "relations")
 
 
 class Parts:
@@ -402,7 +337,7 @@ class Parts:
         self.method, self.cfg, self.dtype = method, cfg, dtype
         device = self.device = next(method.parameters()).device
         self.images = normalize(images_u8.to(device))
-        self.amp = _autocast(device, dtype)
+        self.amp = autocast(device, dtype)
         mim_view, feat_view = (v.to(device) for v in _views(method))
         self.fns: dict[str, Callable[[], None]] = {}
         if breakdown:
@@ -411,8 +346,8 @@ class Parts:
             self.opt = optim.build_adamw(optim.param_groups_weight_decay(method, oc.weight_decay), oc,
                                          optim.scaled_lr(oc.blr, cfg.train.batch_size, oc.lr), device)
             self.clip = oc.clip_grad if oc.clip_grad else float("inf")
-            with torch.no_grad(), self.amp:
-                self.cached = method._teacher_pass(self.images)
+            with self.amp:
+                self.cached = method.teacher_pass(self.images)
             self.fns["mim_teacher"] = lambda: self._teacher(mim_view)
             self.fns["feat_teacher"] = lambda: self._teacher(feat_view)
             self.fns["student"] = self._student
@@ -420,8 +355,9 @@ class Parts:
         self.pairs: dict[str, Callable[[], None]] = {}
         self.reference_reps = reference_reps
         if reference:
-            teacher = method.teachers["mim"]
-            x = mim_view._teachers["mim"].prepare(self.images)
+            name = _relations(method).teacher
+            teacher = method.teachers[name]
+            x = mim_view.teacher_input(name, self.images)
             last = self._last_block(method, mim_view)
 
             def plain():
@@ -440,25 +376,17 @@ class Parts:
 
     @staticmethod
     def _last_block(method, mim_view) -> int:
-        rel = next(t for t in method.targets if t.kind == "relations")
-        enter = set(rel.blocks)
-        if mim_view._needs_mask_hiddens:
-            enter |= set(method.mask_blocks if method.masking == "progressive" else method.mask_blocks[-1:])
+        enter = set(_relations(method).blocks) | set(mim_view.mask_teacher_blocks)
         return max(enter) - 1  # blocks 0..max(enter)-1 run
 
     def _teacher(self, view) -> None:
-        with torch.no_grad(), self.amp:
-            view._teacher_pass(self.images)
+        with self.amp:
+            view.teacher_pass(self.images)
 
     def _student(self) -> None:
-        m = self.method
-        m._teacher_pass = lambda _images: self.cached  # the hybrid's forward without its teachers
-        try:
-            with self.amp:
-                out = m(self.images)
-            out.loss.backward()
-        finally:
-            del m._teacher_pass
+        with self.amp:
+            out = self.method.student_pass(self.images, self.cached)  # the hybrid's forward without its teachers
+        out.loss.backward()
 
     def _optimizer(self) -> None:
         gn = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
@@ -467,10 +395,10 @@ class Parts:
         self.opt.zero_grad(set_to_none=True)
 
     def _run(self, k: str, fn: Callable[[], None], record: bool) -> None:
-        _sync(self.device)
+        sync(self.device)
         t = time.perf_counter()
         fn()
-        _sync(self.device)
+        sync(self.device)
         if record:
             self.samples[k].append(time.perf_counter() - t)
 
@@ -496,11 +424,23 @@ class Parts:
         return {k: median_ms(v) for k, v in self.samples.items() if v}
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max memory allocated by tensors; CPU: the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+@dataclass
+class _Window:
+    """Which engine steps are timed: ``first .. last-1``, every ``per``-th (with a comparison, steps alternate:
+    even = this method, odd = the other); ``interleave``: parts run between the steps, timed one by one."""
+
+    cuda: bool
+    device: torch.device
+    per: int
+    first: int
+    last: int
+    interleave: bool
+    extras: bool  # breakdown, reference or matmul requested
+
+    @property
+    def per_step(self) -> bool:
+        """Steps timed one by one (medians), else the mean over the window synchronised at its ends."""
+        return self.interleave or not self.cuda
 
 
 def distill(b: DistillBench) -> dict:
@@ -511,7 +451,6 @@ def distill(b: DistillBench) -> dict:
     figures see the same machine load; otherwise they run after the engine's timed window.
     """
     from hdcli.tools import flops
-    from hdcli.train import engine
 
     cuda = torch.cuda.is_available() and not b.cpu
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -520,43 +459,84 @@ def distill(b: DistillBench) -> dict:
     b.steps = (20 if cuda else 3) if b.steps is None else b.steps
     b.warmup = (5 if cuda else 1) if b.warmup is None else b.warmup
     _check(b, device)
-    interleave = (not cuda) if b.interleave is None else b.interleave
     mim_arch, feat_arch = (teacher_arch(t) for t in b.teachers)
     cfg = _config(b, mim_arch, feat_arch)
+    per = 2 if b.compare_drop_ratio is not None else 1
+    interleave = ((not cuda) if b.interleave is None else b.interleave) or per == 2  # alternating: one by one
+    w = _Window(cuda=cuda, device=device, per=per, first=per * b.warmup, last=per * (b.warmup + b.steps),
+                interleave=interleave, extras=b.breakdown or b.reference or b.gemm)
 
     g = torch.Generator().manual_seed(b.seed)
     images = torch.randint(0, 256, (b.batch_size, 3, b.img_size, b.img_size), dtype=torch.uint8, generator=g)
     if cuda:
         images = images.pin_memory()  # as a DataLoader with pin_memory=True hands it over
     batch = (images, torch.zeros(b.batch_size, dtype=torch.long))
+    clock, task, parts, syncs, peak_mem = _run_engine(b, cfg, batch, w)
+    method = task.method
+    step_s = [clock.step(i) for i in range(w.first, w.last, w.per)]
+    step_ms = median_ms(step_s) if w.per_step else 1e3 * (clock.ends[w.last] - clock.starts[w.first]) / b.steps
+    model = flops.of_method(method)
+    tflops = model.total * b.batch_size / (step_ms / 1e3) / 1e12
+    result: dict = {"images_per_s": b.batch_size / (step_ms / 1e3), "step_ms": step_ms, "tflops": tflops,
+                    "mfu": None, "peak_mem_mb": peak_mem, "breakdown_ms": None, "gemm_tflops": None, "of_gemm": None}
+    samples = {"step": [1e3 * s for s in step_s]}
+    if parts is not None:
+        samples.update({k: [1e3 * s for s in v] for k, v in parts.samples.items()})
+        result.update(_part_figures(b, parts, step_s, step_ms, tflops, model.total * b.batch_size, paired=w.interleave))
+    name = device_name(device)
+    peak = b.peak_tflops or (peak_tflops(name) if cuda else None)
+    result["mfu"] = tflops / peak if peak else None
+    if cuda and b.sync_debug:
+        where: dict[str, int] = {}
+        for warning in syncs:
+            key = f"{os.path.relpath(warning.filename)}:{warning.lineno}"
+            where[key] = where.get(key, 0) + 1
+        result["host_syncs"] = {"per_step": len(syncs) / b.steps, "where": where}
+    result["flops_per_image"] = model.as_dict()
+    result["gflops_per_image"] = model.total / 1e9
+    if per == 2:
+        other_s = [clock.step(i) for i in range(w.first + 1, w.last, 2)]
+        samples["compare_step"] = [1e3 * x for x in other_s]
+        other = task.model.b
+        result["compare"] = {
+            "drop_ratio": b.compare_drop_ratio, "n_keep": other.n_keep, "step_ms": median_ms(other_s),
+            "gflops_per_image": flops.of_method(other).total / 1e9,
+            # neighbouring steps, same load: the median of their ratios
+            "step_over_compare": statistics.median(x / y for x, y in zip(step_s, other_s, strict=True)),
+        }
+    result["samples_ms"] = samples
+    result["config"] = _record(b, cfg, w, method, (mim_arch, feat_arch), name=name, peak=peak,
+                               gemm_size=parts.gemm_size if parts is not None and b.gemm else None)
+    return result
 
-    compare = b.compare_drop_ratio is not None
-    per = 2 if compare else 1  # with a comparison, steps alternate: even = this method, odd = the other
-    first, last = per * b.warmup, per * (b.warmup + b.steps)  # timed steps: first .. last-1
-    interleave = interleave or compare  # alternating steps are timed one by one
-    extras = b.breakdown or b.reference or b.gemm
+
+def _run_engine(b: DistillBench, cfg, batch, w: _Window):
+    """The engine on the bench task, stopped after the last timed step. Returns (clock, task, parts or None,
+    host-sync warnings, peak memory in MB)."""
+    from hdcli.train import engine
+
     state: dict = {}
 
     def make_parts(method) -> Parts:
-        return Parts(method, images, cfg, dtype=b.dtype, breakdown=b.breakdown, reference=b.reference,
+        return Parts(method, batch[0], cfg, dtype=b.dtype, breakdown=b.breakdown, reference=b.reference,
                      reference_reps=b.reference_reps, gemm_size=(b.gemm_size or 0) if b.gemm else None)
 
     def between(method, i: int) -> None:
-        if i % per:
+        if i % w.per:
             return  # only before this method's own steps
-        if i == first - per:
+        if i == w.first - w.per:
             state["parts"] = make_parts(method)
-        if i >= first - per:
-            state["parts"].once(record=i >= first)
+        if i >= w.first - w.per:
+            state["parts"].once(record=i >= w.first)
 
     clock = _Clock()
-    debug = cuda and b.sync_debug
-    make, holder = _bench_task(cfg, batch, clock, stop_at=last, sync_every=interleave or not cuda,
-                               sync_at={first, last}, between=between if interleave and extras else None,
-                               which=(lambda i: i % 2) if compare else None,
-                               compare_drop_ratio=b.compare_drop_ratio, debug_from=first if debug else None)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    debug = w.cuda and b.sync_debug
+    make, holder = _bench_task(cfg, batch, clock, stop_at=w.last, sync_every=w.per_step, sync_at={w.first, w.last},
+                               between=between if w.interleave and w.extras else None,
+                               which=(lambda i: i % 2) if w.per == 2 else None,
+                               compare_drop_ratio=b.compare_drop_ratio, debug_from=w.first if debug else None)
+    if w.cuda:
+        torch.cuda.reset_peak_memory_stats(w.device)
     with tempfile.TemporaryDirectory(prefix="hd-bench-") as run_dir, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always" if debug else "default")
         try:
@@ -566,108 +546,65 @@ def distill(b: DistillBench) -> dict:
         finally:
             if debug:
                 torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    for w in caught:
-        if w not in syncs:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    if len(clock.ends) <= last:
+    syncs = [x for x in caught if "synchroniz" in str(x.message)]
+    for x in caught:
+        if x not in syncs:
+            warnings.warn_explicit(x.message, x.category, x.filename, x.lineno)
+    if len(clock.ends) <= w.last:
         raise HDError("the engine stopped before the benchmark's last step", "run with --debug to see why")
-    peak_mem = peak_memory_mb(device)
-    step_s = [clock.step(i) for i in range(first, last, per)]
-    per_step = interleave or not cuda
-    step_ms = median_ms(step_s) if per_step else 1e3 * (clock.ends[last] - clock.starts[first]) / b.steps
-
-    method = holder["task"].method
-    if extras and not interleave:
-        parts = state["parts"] = make_parts(method)
+    peak_mem = peak_memory_mb(w.device)
+    task = holder["task"]
+    if w.extras and not w.interleave:
+        parts = state["parts"] = make_parts(task.method)
         for i in range(min(b.warmup, 2) + b.steps):
             parts.once(record=i >= min(b.warmup, 2))
-    model = flops.of_method(method)
-    tflops = model.total * b.batch_size / (step_ms / 1e3) / 1e12
+    return clock, task, state.get("parts"), syncs, peak_mem
 
-    result: dict = {
-        "images_per_s": b.batch_size / (step_ms / 1e3),
-        "step_ms": step_ms,
-        "tflops": tflops,
-        "mfu": None,
-        "peak_mem_mb": peak_mem,
-        "breakdown_ms": None,
-        "gemm_tflops": None,
-        "of_gemm": None,
-    }
-    samples = {"step": [1e3 * s for s in step_s]}
-    gemm_size = None
-    if extras:
-        parts = state["parts"]
-        med = parts.medians_ms()
-        samples.update({k: [1e3 * s for s in v] for k, v in parts.samples.items()})
-        paired = interleave  # parts sample j ran right before timed step j
-        if b.breakdown:
-            result["breakdown_ms"] = {k: med[k] for k in PARTS}
-            total = sum(result["breakdown_ms"].values())
-            result["parts_sum_ms"] = total
-            result["step_over_parts"] = step_ms / total
-            if paired:
-                sums = [sum(x) for x in zip(*(parts.samples[k] for k in PARTS), strict=True)]
-                result["step_over_parts"] = statistics.median(x / y for x, y in zip(step_s, sums, strict=True))
-        if b.reference:
-            result["reference_ms"] = {"mim_teacher": med["ref_mim_teacher"], "timm_blocks": med["timm_blocks"]}
-            result["mim_over_timm"] = statistics.median(
-                m / t for m, t in zip(parts.samples["ref_mim_teacher"], parts.samples["timm_blocks"], strict=True))
-        if b.gemm:
-            gemm_size = parts.gemm_size
-            result["gemm_tflops"] = parts.gemm_flops / (med["gemm"] / 1e3) / 1e12
-            result["of_gemm"] = tflops / result["gemm_tflops"]
-            if paired:
-                step_flops = model.total * b.batch_size
-                result["of_gemm"] = statistics.median(step_flops * g / (x * parts.gemm_flops)
-                                                      for x, g in zip(step_s, parts.samples["gemm"], strict=True))
-    name = device_name(device)
-    peak = b.peak_tflops or (peak_tflops(name) if cuda else None)
-    result["mfu"] = tflops / peak if peak else None
-    if debug:
-        where: dict[str, int] = {}
-        for w in syncs:
-            key = f"{os.path.relpath(w.filename)}:{w.lineno}"
-            where[key] = where.get(key, 0) + 1
-        result["host_syncs"] = {"per_step": len(syncs) / b.steps, "where": where}
-    result["flops_per_image"] = model.as_dict()
-    result["gflops_per_image"] = model.total / 1e9
-    if compare:
-        other_s = [clock.step(i) for i in range(first + 1, last, 2)]
-        samples["compare_step"] = [1e3 * x for x in other_s]
-        other = holder["task"].model.b
-        result["compare"] = {
-            "drop_ratio": b.compare_drop_ratio, "n_keep": other.n_keep, "step_ms": median_ms(other_s),
-            "gflops_per_image": flops.of_method(other).total / 1e9,
-            # neighbouring steps, same load: the median of their ratios
-            "step_over_compare": statistics.median(x / y for x, y in zip(step_s, other_s, strict=True)),
-        }
-    result["samples_ms"] = samples
-    result["config"] = {
-        "student": b.student, "teachers": list(b.teachers), "teacher_archs": [mim_arch, feat_arch],
+
+def _part_figures(b: DistillBench, parts: Parts, step_s: list[float], step_ms: float, tflops: float,
+                  step_flops: float, *, paired: bool) -> dict:
+    """Breakdown, reference and matmul figures; ``paired``: parts sample j ran right before timed step j, so
+    ratios are medians of neighbouring ratios."""
+    med = parts.medians_ms()
+    out: dict = {}
+    if b.breakdown:
+        out["breakdown_ms"] = {k: med[k] for k in PARTS}
+        out["parts_sum_ms"] = sum(out["breakdown_ms"].values())
+        out["step_over_parts"] = step_ms / out["parts_sum_ms"]
+        if paired:
+            sums = [sum(x) for x in zip(*(parts.samples[k] for k in PARTS), strict=True)]
+            out["step_over_parts"] = statistics.median(x / y for x, y in zip(step_s, sums, strict=True))
+    if b.reference:
+        out["reference_ms"] = {"mim_teacher": med["ref_mim_teacher"], "timm_blocks": med["timm_blocks"]}
+        out["mim_over_timm"] = statistics.median(
+            m / t for m, t in zip(parts.samples["ref_mim_teacher"], parts.samples["timm_blocks"], strict=True))
+    if b.gemm:
+        out["gemm_tflops"] = parts.gemm_flops / (med["gemm"] / 1e3) / 1e12
+        out["of_gemm"] = tflops / out["gemm_tflops"]
+        if paired:
+            out["of_gemm"] = statistics.median(step_flops * g / (x * parts.gemm_flops)
+                                               for x, g in zip(step_s, parts.samples["gemm"], strict=True))
+    return out
+
+
+def _record(b: DistillBench, cfg, w: _Window, method, archs: tuple[str, str], *, name: str, peak, gemm_size) -> dict:
+    """The ``config`` entry of the result: what was measured, on what, and how."""
+    return {
+        "student": b.student, "teachers": list(b.teachers), "teacher_archs": list(archs),
         "batch_size": b.batch_size, "img_size": b.img_size, "overrides": {**b.overrides(), "patch_size": b.patch_size},
         "drop_ratio": b.drop_ratio, "masking": b.masking, "n_patches": method.num_patches, "n_keep": method.n_keep,
         "keep_fraction": method.n_keep / method.num_patches, "relation_blocks": list(cfg.distill.relation_blocks),
         "mask_blocks": list(cfg.distill.mask_blocks), "relation_heads": cfg.distill.relation_heads,
         "dtype": b.dtype, "compile": b.compile, "steps": b.steps, "warmup": b.warmup,
-        "step_time": "median over steps" if per_step else "mean over the window (synchronised at its ends)",
-        "interleaved": bool(interleave and extras),
-        "ratios": "medians of ratios of neighbouring measurements" if interleave else "ratios of medians",
+        "step_time": "median over steps" if w.per_step else "mean over the window (synchronised at its ends)",
+        "interleaved": bool(w.interleave and w.extras),
+        "ratios": "medians of ratios of neighbouring measurements" if w.interleave else "ratios of medians",
         "breakdown": "eager (not compiled)" if b.compile else "as the step", "device": name,
         "peak_tflops": peak, "gemm_size": gemm_size,
-        "peak_mem": "torch.cuda.max_memory_allocated" if cuda else "process peak RSS",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "pinned_input": cuda,
-        "load": _loadavg(), **b.extra,
+        "peak_mem": "torch.cuda.max_memory_allocated" if w.cuda else "process peak RSS",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "pinned_input": w.cuda,
+        "load": loadavg(), **b.extra,
     }
-    return result
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------- data
@@ -712,11 +649,7 @@ def data(source: str | None, *, img_size: int = 224, batch_size: int = 64, worke
         "bad_samples": loader.bad_samples,
         "config": {"source": source or "demo", "split": split, "img_size": img_size, "batch_size": batch_size,
                    "batches": batches, "warmup": warmup, "transform": "train (RandomResizedCrop + flip)",
-                   "threads": torch.get_num_threads(), "load": _loadavg()},
+                   "threads": torch.get_num_threads(), "load": loadavg()},
     }
 
 
-def fmt_num(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
