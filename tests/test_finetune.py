@@ -66,21 +66,6 @@ def safetensors(path: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------ pure pieces
 
 
-def test_topk_correct_counts_hits_by_hand():
-    logits = torch.tensor([[0.1, 0.9, 0.0, 0.3, 0.2, 0.5],   # order 1, 5, 3, 4, 0, 2
-                           [0.8, 0.1, 0.2, 0.3, 0.4, 0.5],   # order 0, 5, 4, 3, 2, 1
-                           [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])  # order 5, 4, 3, 2, 1, 0
-    labels = torch.tensor([1, 1, 0])  # ranks 1, 6, 6
-    assert ft.topk_correct(logits, labels, ks=(1, 5)).tolist() == [1.0, 1.0]
-    labels = torch.tensor([5, 2, 1])  # ranks 2, 5, 5
-    assert ft.topk_correct(logits, labels, ks=(1, 2, 5)).tolist() == [0.0, 1.0, 3.0]
-
-
-def test_topk_correct_caps_k_at_the_class_count():
-    logits = torch.tensor([[0.2, 0.1, 0.7], [0.5, 0.4, 0.1]])
-    assert ft.topk_correct(logits, torch.tensor([1, 2]), ks=(1, 5)).tolist() == [0.0, 2.0]
-
-
 def test_fold_batchnorm_gives_the_same_outputs_as_bn_then_linear():
     torch.manual_seed(0)
     bn = torch.nn.BatchNorm1d(6, affine=False, eps=1e-6)
@@ -92,14 +77,6 @@ def test_fold_batchnorm_gives_the_same_outputs_as_bn_then_linear():
     by_hand = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-6) @ linear.weight.T + linear.bias
     torch.testing.assert_close(folded(x), by_hand)
     torch.testing.assert_close(folded(x), linear(bn(x)))
-
-
-def test_zero_bit_posterize_is_black_as_with_older_pillow():
-    from PIL import Image
-
-    img = Image.fromarray(np.full((4, 4, 3), 200, dtype=np.uint8))
-    assert np.asarray(ft._posterize_zero_bits(img, 0)).max() == 0
-    assert np.asarray(ft._posterize_zero_bits(img, 1)).max() == 128  # 200 keeps its top bit
 
 
 def test_train_transform_is_a_function_of_the_sample_seed(cifar, student):

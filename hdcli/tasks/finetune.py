@@ -25,17 +25,15 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from hdcli import config, data, ui
 from hdcli.config import FinetuneConfig
 from hdcli.errors import HDError
+from hdcli.tasks import classify
 from hdcli.train.optim import param_groups_weight_decay, total_steps
 from hdcli.train.task import Task
 
@@ -43,42 +41,10 @@ RESULTS = "results.json"
 LOW_RES = ("cifar100", "demo", "fashion-mnist")  # small images upsampled: evaluated without a crop margin
 HEAD_INIT_STD = {"finetune": 2e-5, "linear_probe": 0.01}  # MAE main_finetune.py / main_linprobe.py
 
-# MAE's linear-probing protocol, applied under the recipe and the flags when linear probing (so
-# ``--linear-probe`` alone gives it). LARS is replaced by the engine's AdamW (docs/finetune.md).
-LINEAR_PROBE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"epochs": 90},
-    "optim": {"blr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 10.0, "min_lr": 0.0},
-    "finetune": {"global_pool": "token", "drop_path": 0.0, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0,
-                 "auto_augment": None, "reprob": 0.0, "layer_decay": 1.0},
-}
+load_config = config.load_finetune  # defaults <- linear-probe preset <- base <- recipe <- flags (hdcli.config)
 
 
 # ---------------------------------------------------------------- configuration
-
-def load_config(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
-                base: str | os.PathLike | None = None) -> FinetuneConfig:
-    """Defaults <- linear-probe defaults (if linear probing) <- ``base`` <- recipe <- CLI overrides."""
-    overrides = overrides or {}
-    layers = []
-    if base is not None:
-        layers.append((config.read_toml(base), str(base)))
-    if recipe is not None:
-        layers.append((config.read_toml(recipe), str(recipe)))
-    lp = overrides.get("finetune.linear_probe")
-    if lp is None:
-        for d, _ in reversed(layers):
-            if "linear_probe" in d.get("finetune", {}):
-                lp = d["finetune"]["linear_probe"]
-                break
-    cfg = FinetuneConfig()
-    if lp is True:
-        config.merge(cfg, LINEAR_PROBE_DEFAULTS, "the linear-probe defaults")
-    for d, where in layers:
-        config.merge(cfg, d, where)
-    config.apply_overrides(cfg, overrides)
-    config.validate(cfg)
-    return cfg
-
 
 def data_source(dataset: str, data_dir: str | None) -> str:
     """The ``hdcli.data`` source string of ``dataset`` stored in ``data_dir``."""
@@ -127,17 +93,6 @@ def check_split(source: str, split: str) -> None:
 
 
 # ---------------------------------------------------------------- pure pieces
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> torch.Tensor:
-    """Number of samples whose label is among the top-k logits, for each k (k capped at the class count).
-
-    logits [B, K], labels [B] -> float [len(ks)].
-    """
-    ks = [min(k, logits.shape[1]) for k in ks]
-    top = logits.topk(max(ks), dim=1).indices  # [B, kmax], best first
-    hit = top == labels[:, None]  # [B, kmax]
-    return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks]).float()  # [len(ks)]
-
 
 def fold_batchnorm(bn: nn.BatchNorm1d, linear: nn.Linear) -> nn.Linear:
     """One Linear equal to ``linear(bn(x))`` for a BatchNorm1d in eval mode (running statistics).
@@ -255,58 +210,13 @@ def exportable(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------- transforms (timm's, uint8 out)
 
-class _SeedNumpy:
-    """Seed numpy's global RNG from python's, which ``hdcli.data`` seeds per sample: timm's RandAugment
-    picks its ops with ``np.random``, and this keeps every image's augmentation a function of
-    (seed, epoch, position) as hdcli.data promises."""
-
-    def __call__(self, img):
-        import random
-
-        np.random.seed(random.getrandbits(32))
-        return img
-
-
 def train_transform(cfg: FinetuneConfig):
-    """timm's ``create_transform`` for training (RandomResizedCrop, flip, RandAugment), uint8 output;
-    random erasing runs on the device after normalisation, as with timm's prefetcher."""
-    from timm.data import create_transform
-    from torchvision import transforms
-
+    """timm's training transform (RandomResizedCrop, flip, RandAugment) with the finetune settings, uint8 out."""
     fc, dc = cfg.finetune, cfg.data
-    try:
-        t = create_transform(dc.img_size, is_training=True, scale=tuple(dc.scale), hflip=dc.hflip,
-                             color_jitter=fc.color_jitter, auto_augment=fc.auto_augment, interpolation="bicubic",
-                             mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD, use_prefetcher=True)
-    except (AssertionError, KeyError, ValueError) as e:
-        raise HDError(f"timm rejects finetune.auto_augment {fc.auto_augment!r}: {e or type(e).__name__}",
-                      "e.g. rand-m9-mstd0.5-inc1 (MAE), rand-m9-mstd0.5, augmix-m5-w4-d2, original, or none") from None
-    _posterize_compat(t)
-    return transforms.Compose([_SeedNumpy(), t])
-
-
-def _posterize_zero_bits(img, bits_to_keep, **kw):
-    """timm's posterize, also for 0 bits: Pillow ≥ 11 refuses ``ImageOps.posterize(img, 0)``, which older
-    Pillow (that timm's RandAugment was written for) turned into a black image."""
-    from timm.data import auto_augment
-
-    if bits_to_keep <= 0:
-        return img.point(lambda _: 0)
-    return auto_augment.posterize(img, bits_to_keep, **kw)
-
-
-def _posterize_compat(transform) -> None:
-    """Point the posterize ops of timm's RandAugment/AugMix/AutoAugment inside ``transform`` at
-    :func:`_posterize_zero_bits` (rand-m9-mstd0.5-inc1 reaches magnitude 10 = 0 bits kept)."""
-    from timm.data import auto_augment
-
-    for t in getattr(transform, "transforms", [transform]):
-        ops = list(getattr(t, "ops", []))
-        for sub in getattr(t, "policy", []):
-            ops.extend(sub)
-        for op in ops:
-            if getattr(op, "aug_fn", None) is auto_augment.posterize:
-                op.aug_fn = _posterize_zero_bits
+    return classify.train_transform(dc.img_size, scale=dc.scale, hflip=dc.hflip, auto_augment=fc.auto_augment,
+                                    color_jitter=fc.color_jitter, key="finetune.auto_augment",
+                                    examples="rand-m9-mstd0.5-inc1 (MAE), rand-m9-mstd0.5, augmix-m5-w4-d2, original, "
+                                    "or none")
 
 
 def eval_transform(cfg: FinetuneConfig):
@@ -373,8 +283,10 @@ class FinetuneTask(Task):
         self.frozen = backbone_modules(self.model) if fc.linear_probe else []
         self._eval_loader = None
         self._per_epoch: int | None = None
-        self._mixup = self._erase = None
-        self._criterion = None
+        self.step = classify.ClassifyStep(
+            self.num_classes, mixup=fc.mixup, cutmix=fc.cutmix, cutmix_minmax=fc.cutmix_minmax,
+            mixup_prob=fc.mixup_prob, mixup_switch_prob=fc.mixup_switch_prob, mixup_mode=fc.mixup_mode,
+            smoothing=fc.smoothing, reprob=fc.reprob, remode=fc.remode, recount=fc.recount)
 
     # -- engine interface
 
@@ -398,17 +310,7 @@ class FinetuneTask(Task):
                                         no_weight_decay_list=model.no_weight_decay())
 
     def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        images, labels = batch
-        if self._criterion is None:
-            self._setup(images.device)
-        x = data.normalize(images)  # uint8 -> float on the device (ImageNet statistics)
-        if self._erase is not None:
-            x = self._erase(x)
-        if self._mixup is not None:
-            if len(x) % 2:  # Mixup pairs the batch with its flip; an odd batch (a skipped bad image) loses one
-                x, labels = x[:-1], labels[:-1]
-            x, labels = self._mixup(x, labels)
-        return {"loss": self._criterion(model(x), labels)}
+        return {"loss": self.step(model, *batch)}
 
     def evaluate(self, model: nn.Module, accelerator, epoch: int) -> dict[str, float]:
         device = accelerator.device
@@ -431,7 +333,7 @@ class FinetuneTask(Task):
                     break
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 logits = model(data.normalize(images)).float()  # [B, K]
-                counts[:2] += topk_correct(logits, labels)
+                counts[:2] += classify.topk_correct(logits, labels)
                 counts[2] += len(labels)
         if bad is not None:
             raise HDError(bad, _LABEL_HINT)
@@ -456,26 +358,6 @@ class FinetuneTask(Task):
                     safe_serialization=True)
 
     # -- helpers
-
-    def _setup(self, device: torch.device) -> None:
-        """Mixup, random erasing and the criterion (MAE main_finetune.py), built on the batch's device."""
-        from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-        fc = self.cfg.finetune
-        if fc.mixup > 0 or fc.cutmix > 0 or fc.cutmix_minmax is not None:
-            self._mixup = Mixup(mixup_alpha=fc.mixup, cutmix_alpha=fc.cutmix,
-                                cutmix_minmax=tuple(fc.cutmix_minmax) if fc.cutmix_minmax else None,
-                                prob=fc.mixup_prob, switch_prob=fc.mixup_switch_prob, mode=fc.mixup_mode,
-                                label_smoothing=fc.smoothing, num_classes=self.num_classes)
-            self._criterion = SoftTargetCrossEntropy()
-        elif fc.smoothing > 0:
-            self._criterion = LabelSmoothingCrossEntropy(smoothing=fc.smoothing)
-        else:
-            self._criterion = nn.CrossEntropyLoss()
-        if fc.reprob > 0:
-            self._erase = RandomErasing(fc.reprob, mode=fc.remode, max_count=fc.recount, device=device)
 
     def total_epochs(self) -> int:
         tc = self.cfg.train

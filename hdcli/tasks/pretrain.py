@@ -20,108 +20,18 @@ as a student for ``hd finetune`` and for ``hd analyze``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hdcli import config, data
-from hdcli.config import DataConfig, OptimConfig, StudentConfig, TrainConfig
+from hdcli.config import PretrainConfig
 from hdcli.errors import HDError
+from hdcli.tasks import classify
 from hdcli.train.task import Task
 
-MODES = ("mae", "supervised")
-
-
-# ---------------------------------------------------------------- configuration
-
-@dataclass
-class PretrainSection:
-    """``[pretrain]``: the objective. MAE defaults: He et al. (mask 75 %, decoder 8 × 512, norm_pix_loss);
-    supervised defaults: DeiT (label smoothing 0.1, Mixup 0.8, CutMix 1.0, RandAugment, erasing 0.25)."""
-
-    mode: str = "mae"  # mae | supervised
-    # mae
-    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    norm_pix_loss: bool = True  # target = pixels normalised per patch (MAE's better setting)
-    # supervised
-    num_classes: int | None = None  # default: from the data
-    smoothing: float = 0.1
-    mixup: float = 0.8  # Mixup alpha (0: off)
-    cutmix: float = 1.0  # CutMix alpha (0: off)
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ('none': off)
-    reprob: float = 0.25  # random erasing probability
-
-    def validate(self) -> None:
-        config._choice(self.mode, MODES, "pretrain.mode")
-        if not 0 < self.mask_ratio < 1:
-            raise HDError(f"pretrain.mask_ratio must lie in (0, 1), got {self.mask_ratio}")
-        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
-            if getattr(self, name) < 1:
-                raise HDError(f"pretrain.{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.decoder_dim % self.decoder_heads:
-            raise HDError(f"pretrain.decoder_dim ({self.decoder_dim}) must be divisible by pretrain.decoder_heads "
-                          f"({self.decoder_heads})")
-        if not 0 <= self.smoothing < 1:
-            raise HDError(f"pretrain.smoothing must lie in [0, 1), got {self.smoothing}")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise HDError(f"pretrain.mixup and pretrain.cutmix are Beta alphas ≥ 0, got {self.mixup}, {self.cutmix}")
-        if not 0 <= self.reprob <= 1:
-            raise HDError(f"pretrain.reprob is a probability, got {self.reprob}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise HDError(f"pretrain.num_classes must be ≥ 1, got {self.num_classes}")
-
-
-@dataclass
-class PretrainConfig:
-    """``hd pretrain``: every setting of a run. Defaults = MAE's ViT-B recipe (800 epochs, blr 1.5e-4,
-    warm-up 40, betas (0.9, 0.95), wd 0.05, RandomResizedCrop (0.2, 1)); ``supervised_defaults`` holds
-    DeiT's changes."""
-
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=800))
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(clip_grad=None))
-    data: DataConfig = field(default_factory=DataConfig)
-    student: StudentConfig = field(default_factory=lambda: StudentConfig(drop_path=0.0))
-    pretrain: PretrainSection = field(default_factory=PretrainSection)
-
-    def validate(self) -> None:
-        p = self.pretrain
-        if p.mode == "supervised" and (p.mixup > 0 or p.cutmix > 0) and self.train.batch_size % 2:
-            raise HDError(f"Mixup/CutMix needs an even batch size, got {self.train.batch_size}",
-                          "use an even --batch-size or set pretrain.mixup=0 and pretrain.cutmix=0")
-
-
-# DeiT (Touvron et al. 2021): 300 epochs, lr 5e-4 × batch/512, warm-up 5, wd 0.05, drop path 0.1,
-# crop scale (0.08, 1). Applied under the recipe and the flags for ``mode = "supervised"``.
-SUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"epochs": 300},
-    "optim": {"blr": 2.5e-4, "betas": [0.9, 0.999], "warmup_epochs": 5.0, "min_lr": 1e-5},
-    "data": {"scale": [0.08, 1.0]},
-    "student": {"drop_path": 0.1},
-}
-
-
-def load_config(mode: str, recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
-                base: str | os.PathLike | None = None) -> PretrainConfig:
-    """Defaults <- supervised defaults (mode supervised) <- ``base`` <- recipe <- overrides; validated."""
-    config._choice(mode, MODES, "pretrain mode")
-    cfg = PretrainConfig()
-    if mode == "supervised":
-        config.merge(cfg, SUPERVISED_DEFAULTS, "the supervised defaults")
-    cfg.pretrain.mode = mode
-    if base is not None:
-        config.merge(cfg, config.read_toml(base), str(base))
-    if recipe is not None:
-        config.merge(cfg, config.read_toml(recipe), str(recipe))
-    config.apply_overrides(cfg, {**(overrides or {}), "pretrain.mode": mode})
-    config.validate(cfg)
-    return cfg
+load_config = config.load_pretrain  # defaults <- supervised preset <- base <- recipe <- flags (hdcli.config)
 
 
 # ---------------------------------------------------------------- pure pieces (MAE)
@@ -282,30 +192,18 @@ class SupervisedTask(Task):
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
-        p = cfg.pretrain
-        src = data.parse_source(cfg.data.source)
+        p, d = cfg.pretrain, cfg.data
+        src = data.parse_source(d.source)
         if src.kind in ("cifar100", "fashion-mnist"):
             data.open_records(src, "train")  # missing files fail before any model is built
-        self.num_classes = p.num_classes or data.num_classes(cfg.data.source)
+        self.num_classes = p.num_classes or data.num_classes(d.source)
         self.model = build_encoder(cfg, num_classes=self.num_classes)
-        self.transform = self._transform()
-        self._mixup = self._erase = self._criterion = None
-
-    def _transform(self):
-        from timm.data import create_transform
-        from torchvision import transforms
-
-        from hdcli.tasks.finetune import _posterize_compat, _SeedNumpy
-
-        d, p = self.cfg.data, self.cfg.pretrain
-        try:
-            t = create_transform(d.img_size, is_training=True, scale=tuple(d.scale), hflip=d.hflip,
-                                 auto_augment=p.auto_augment, interpolation="bicubic", use_prefetcher=True)
-        except (AssertionError, KeyError, ValueError) as e:
-            raise HDError(f"timm rejects pretrain.auto_augment {p.auto_augment!r}: {e or type(e).__name__}",
-                          "e.g. rand-m9-mstd0.5-inc1 (DeiT), original, or none") from None
-        _posterize_compat(t)
-        return transforms.Compose([_SeedNumpy(), t])  # per-image augmentation a function of (seed, epoch, position)
+        # per-image augmentation a function of (seed, epoch, position)
+        self.transform = classify.train_transform(d.img_size, scale=d.scale, hflip=d.hflip, auto_augment=p.auto_augment,
+                                                  key="pretrain.auto_augment",
+                                                  examples="rand-m9-mstd0.5-inc1 (DeiT), original, or none")
+        self.step = classify.ClassifyStep(self.num_classes, mixup=p.mixup, cutmix=p.cutmix, smoothing=p.smoothing,
+                                          reprob=p.reprob)
 
     def train_loader(self, *, rank: int, world_size: int, seed: int):
         d = self.cfg.data
@@ -315,32 +213,7 @@ class SupervisedTask(Task):
             epoch_steps=d.epoch_steps, max_bad_fraction=d.max_bad_fraction)
 
     def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
-        images, labels = batch
-        if self._criterion is None:
-            self._setup(images.device)
-        x = data.normalize(images)
-        if self._erase is not None:
-            x = self._erase(x)
-        if self._mixup is not None:
-            if len(x) % 2:
-                x, labels = x[:-1], labels[:-1]
-            x, labels = self._mixup(x, labels)
-        return {"loss": self._criterion(model(x), labels)}
-
-    def _setup(self, device: torch.device) -> None:
-        from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
-        from timm.loss import SoftTargetCrossEntropy
-
-        p = self.cfg.pretrain
-        if p.mixup > 0 or p.cutmix > 0:
-            self._mixup = Mixup(mixup_alpha=p.mixup, cutmix_alpha=p.cutmix, label_smoothing=p.smoothing,
-                                num_classes=self.num_classes)
-            self._criterion = SoftTargetCrossEntropy()
-        else:
-            self._criterion = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=p.smoothing)
-        if p.reprob > 0:
-            self._erase = RandomErasing(p.reprob, mode="pixel", device=device)
+        return {"loss": self.step(model, *batch)}
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         """The encoder without its classifier, as MAE's and distilled students are: one layout for teachers,

@@ -1,33 +1,19 @@
-"""Run configuration: dataclass sections whose defaults are the paper's numbers (METHOD.md), TOML recipes
-that list only what differs, CLI overrides on top, and the resolved config written to ``<run>/config.toml``.
+"""Every config dataclass of ``hd``: sections whose defaults are the paper's numbers (METHOD.md), the
+top-level configs of distill, finetune and pretrain, their presets, and how each is loaded.
 
-    cfg = load_config(DistillConfig, recipe="recipes/distill/tiny-cpu.toml",
-                      overrides={"train.steps": 50, "optim.blr": None})   # None = not given
-    save_config(cfg, run_dir / "config.toml")
-
-A config class is a dataclass whose fields are *sections* (dataclasses); finetune/pretrain define their
-own top-level class reusing ``TrainConfig``/``OptimConfig``/``DataConfig``/``StudentConfig`` and adding
-sections of their own. The engine reads only ``cfg.train`` and ``cfg.optim``.
-
-TOML has no null: an optional field is unset with the string ``"none"`` (that is also how the resolved
-config writes it), e.g. ``clip_grad = "none"``.
+A config class is a dataclass whose fields are *sections* (dataclasses); finetune/pretrain reuse
+``TrainConfig``/``OptimConfig``/``DataConfig``/``StudentConfig`` and add sections of their own. The engine
+reads only ``cfg.train`` and ``cfg.optim``. Torch-free, so ``hd --help`` can read defaults from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-import operator
 import os
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from hdcli.errors import HDError, closest
+from hdcli.config.loading import load_config
+from hdcli.errors import HDError, did_you_mean
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 MASKING = ("progressive", "direct", "random", "none")
@@ -178,18 +164,18 @@ class MethodConfig:
                           "for other combinations list [[distill.targets]] (see docs/distill.md)")
         if self.mask_teacher is not None and self.mask_teacher not in self.teachers:
             raise HDError(f"distill.mask_teacher {self.mask_teacher!r} is not one of distill.teachers",
-                          _hint(self.mask_teacher, self.teachers))
+                          did_you_mean(self.mask_teacher, self.teachers))
         for i, t in enumerate(self.targets):
             where = f"distill.targets[{i}]"
             for k in t:
                 if k not in TARGET_KEYS:
-                    raise HDError(f"unknown key {where}.{k}", _hint(k, TARGET_KEYS))
+                    raise HDError(f"unknown key {where}.{k}", did_you_mean(k, TARGET_KEYS))
             for k in ("teacher", "kind"):
                 if k not in t:
                     raise HDError(f"{where} needs a {k!r}", "e.g. {teacher = \"clip\", kind = \"features\"}")
             if t["teacher"] not in self.teachers:
                 raise HDError(f"{where}.teacher {t['teacher']!r} is not one of distill.teachers {self.teachers}",
-                              _hint(str(t["teacher"]), self.teachers))
+                              did_you_mean(str(t["teacher"]), self.teachers))
             _choice(t["kind"], TARGET_KINDS, f"{where}.kind")
 
 
@@ -296,12 +282,124 @@ class FinetuneConfig:
                           f"{self.train.batch_size}", "use an even --batch-size or turn off --mixup and --cutmix")
 
 
+
+
+# MAE's linear-probing protocol, applied under the recipe and the flags when linear probing (so
+# ``--linear-probe`` alone gives it). LARS is replaced by the engine's AdamW (docs/finetune.md).
+LINEAR_PROBE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"epochs": 90},
+    "optim": {"blr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 10.0, "min_lr": 0.0},
+    "finetune": {"global_pool": "token", "drop_path": 0.0, "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.0,
+                 "auto_augment": None, "reprob": 0.0, "layer_decay": 1.0},
+}
+
+
+def load_finetune(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                  base: str | os.PathLike | None = None) -> FinetuneConfig:
+    """Defaults <- linear-probe defaults (if linear probing) <- ``base`` <- recipe <- CLI overrides."""
+    def linear_probe(layers, overrides):
+        lp = overrides.get("finetune.linear_probe")
+        for data, _ in reversed(layers):
+            if lp is None and "linear_probe" in data.get("finetune", {}):
+                lp = data["finetune"]["linear_probe"]
+        return (LINEAR_PROBE_DEFAULTS, "the linear-probe defaults") if lp is True else None
+
+    return load_config(FinetuneConfig, recipe, overrides, base, preset=linear_probe)
+
+
+# ---------------------------------------------------------------- hd pretrain
+
+MODES = ("mae", "supervised")
+
+@dataclass
+class PretrainSection:
+    """``[pretrain]``: the objective. MAE defaults: He et al. (mask 75 %, decoder 8 × 512, norm_pix_loss);
+    supervised defaults: DeiT (label smoothing 0.1, Mixup 0.8, CutMix 1.0, RandAugment, erasing 0.25)."""
+
+    mode: str = "mae"  # mae | supervised
+    # mae
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # target = pixels normalised per patch (MAE's better setting)
+    # supervised
+    num_classes: int | None = None  # default: from the data
+    smoothing: float = 0.1
+    mixup: float = 0.8  # Mixup alpha (0: off)
+    cutmix: float = 1.0  # CutMix alpha (0: off)
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec ('none': off)
+    reprob: float = 0.25  # random erasing probability
+
+    def validate(self) -> None:
+        _choice(self.mode, MODES, "pretrain.mode")
+        if not 0 < self.mask_ratio < 1:
+            raise HDError(f"pretrain.mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            if getattr(self, name) < 1:
+                raise HDError(f"pretrain.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.decoder_dim % self.decoder_heads:
+            raise HDError(f"pretrain.decoder_dim ({self.decoder_dim}) must be divisible by pretrain.decoder_heads "
+                          f"({self.decoder_heads})")
+        if not 0 <= self.smoothing < 1:
+            raise HDError(f"pretrain.smoothing must lie in [0, 1), got {self.smoothing}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise HDError(f"pretrain.mixup and pretrain.cutmix are Beta alphas ≥ 0, got {self.mixup}, {self.cutmix}")
+        if not 0 <= self.reprob <= 1:
+            raise HDError(f"pretrain.reprob is a probability, got {self.reprob}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise HDError(f"pretrain.num_classes must be ≥ 1, got {self.num_classes}")
+
+
+@dataclass
+class PretrainConfig:
+    """``hd pretrain``: every setting of a run. Defaults = MAE's ViT-B recipe (800 epochs, blr 1.5e-4,
+    warm-up 40, betas (0.9, 0.95), wd 0.05, RandomResizedCrop (0.2, 1)); ``supervised_defaults`` holds
+    DeiT's changes."""
+
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=800))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(clip_grad=None))
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=lambda: StudentConfig(drop_path=0.0))
+    pretrain: PretrainSection = field(default_factory=PretrainSection)
+
+    def validate(self) -> None:
+        p = self.pretrain
+        if p.mode == "supervised" and (p.mixup > 0 or p.cutmix > 0) and self.train.batch_size % 2:
+            raise HDError(f"Mixup/CutMix needs an even batch size, got {self.train.batch_size}",
+                          "use an even --batch-size or set pretrain.mixup=0 and pretrain.cutmix=0")
+
+
+# DeiT (Touvron et al. 2021): 300 epochs, lr 5e-4 × batch/512, warm-up 5, wd 0.05, drop path 0.1,
+# crop scale (0.08, 1). Applied under the recipe and the flags for ``mode = "supervised"``.
+SUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"epochs": 300},
+    "optim": {"blr": 2.5e-4, "betas": [0.9, 0.999], "warmup_epochs": 5.0, "min_lr": 1e-5},
+    "data": {"scale": [0.08, 1.0]},
+    "student": {"drop_path": 0.1},
+}
+
+
+
+# DeiT (Touvron et al. 2021): 300 epochs, lr 5e-4 × batch/512, warm-up 5, wd 0.05, drop path 0.1,
+# crop scale (0.08, 1). Applied under the recipe and the flags for ``mode = "supervised"``.
+SUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {"epochs": 300},
+    "optim": {"blr": 2.5e-4, "betas": [0.9, 0.999], "warmup_epochs": 5.0, "min_lr": 1e-5},
+    "data": {"scale": [0.08, 1.0]},
+    "student": {"drop_path": 0.1},
+}
+
+
+def load_pretrain(mode: str, recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                  base: str | os.PathLike | None = None) -> PretrainConfig:
+    """Defaults <- supervised defaults (mode supervised) <- ``base`` <- recipe <- overrides; validated."""
+    _choice(mode, MODES, "pretrain mode")
+    preset = (lambda layers, overrides: (SUPERVISED_DEFAULTS, "the supervised defaults")) if mode == "supervised" else None
+    return load_config(PretrainConfig, recipe, {**(overrides or {}), "pretrain.mode": mode}, base, preset=preset)
+
+
 # ---------------------------------------------------------------- validation helpers
-
-def _hint(word: str, choices) -> str:
-    hits = closest(word, list(choices))
-    return f"did you mean: {', '.join(hits)}?" if hits else ""
-
 
 def _positive(obj, section: str, *names: str) -> None:
     for n in names:
@@ -312,248 +410,4 @@ def _positive(obj, section: str, *names: str) -> None:
 
 def _choice(value, choices, key: str) -> None:
     if value not in choices:
-        raise HDError(f"{key} must be one of {', '.join(choices)}; got {value!r}", _hint(str(value), choices))
-
-
-# ---------------------------------------------------------------- generic machinery
-
-def sections(cls) -> dict[str, type]:
-    """Section name -> dataclass type of a top-level config class."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def valid_keys(cls) -> list[str]:
-    """Every dotted key a config class accepts (``train.batch_size``, ...)."""
-    return [f"{s}.{f.name}" for s, sc in sections(cls).items() for f in dataclasses.fields(sc)]
-
-
-def _unknown(key: str, cls, where: str) -> HDError:
-    keys = valid_keys(cls)
-    # a bare key that exists in some section is the commonest slip: suggest the dotted key directly
-    exact = [k for k in keys if k.rsplit(".", 1)[1] == key.rsplit(".", 1)[-1]]
-    hits = exact or closest(key, keys)
-    return HDError(f"unknown config key {key!r} in {where}", f"did you mean: {', '.join(hits)}?" if hits else "")
-
-
-def _is_optional(tp) -> tuple[bool, Any]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) < len(typing.get_args(tp)):
-            return True, args[0] if len(args) == 1 else functools.reduce(operator.or_, args)
-    return False, tp
-
-
-def coerce(value, tp, key: str):
-    """Check/convert one value read from TOML or the CLI against the field's type; HDError naming the key."""
-    optional, tp = _is_optional(tp)
-    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
-        return None
-    origin = typing.get_origin(tp)
-
-    def bad(expected: str):
-        return HDError(f"{key} must be {expected}, got {value!r}")
-
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad("true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad("an integer")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise bad("a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad("a string")
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise bad("a table, e.g. {embed_dim = 48}")
-    if origin in (list, tuple):
-        args = typing.get_args(tp)
-        if isinstance(value, str) and origin is list:  # "9,10" from a CLI flag
-            value = [v.strip() for v in value.split(",") if v.strip()]
-            if args and args[0] in (int, float):
-                try:
-                    value = [args[0](v) for v in value]
-                except ValueError:
-                    raise bad(f"a comma-separated list of {args[0].__name__}s") from None
-        if not isinstance(value, list | tuple):
-            raise bad("a list")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise bad(f"a list of {len(args)} values")
-            return tuple(coerce(v, a, key) for v, a in zip(value, args, strict=True))
-        inner = args[0] if args else typing.Any
-        out = [v if inner is typing.Any else coerce(v, inner, key) for v in value]
-        return tuple(out) if origin is tuple else out
-    return value
-
-
-def from_dict(cls, data: dict, where: str = "the recipe"):
-    """Build a config from nested dicts (a parsed recipe) on top of the defaults; unknown keys -> HDError."""
-    cfg = cls()
-    merge(cfg, data, where)
-    return cfg
-
-
-def merge(cfg, data: dict, where: str) -> None:
-    """Apply a nested dict ``{section: {key: value}}`` onto ``cfg`` in place, checking every key and type."""
-    secs = sections(type(cfg))
-    for sname, values in data.items():
-        if sname not in secs:
-            if isinstance(values, dict):  # a mistyped section name
-                raise HDError(f"unknown config section [{sname}] in {where}", _hint(sname, secs))
-            raise _unknown(sname, type(cfg), where)  # a bare key outside any section
-        if not isinstance(values, dict):
-            raise HDError(f"[{sname}] in {where} must be a table of settings, got {values!r}")
-        sec = getattr(cfg, sname)
-        hints = typing.get_type_hints(type(sec))
-        for key, value in values.items():
-            if key not in hints:
-                raise _unknown(f"{sname}.{key}", type(cfg), where)
-            setattr(sec, key, coerce(value, hints[key], f"{sname}.{key}"))
-
-
-def apply_overrides(cfg, overrides: dict[str, Any], where: str = "the command line") -> None:
-    """Set dotted keys (``{"optim.blr": 1e-4}``); values of None mean 'not given' and are skipped."""
-    nested: dict[str, dict] = {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if "." not in key:
-            raise _unknown(key, type(cfg), where)
-        sname, name = key.split(".", 1)
-        nested.setdefault(sname, {})[name] = value
-    merge(cfg, nested, where)
-
-
-def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """``["optim.blr=1e-4", "student.kwargs={depth=6}"]`` -> dotted dict; values are TOML, else strings."""
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise HDError(f"--set expects KEY=VALUE, got {item!r}", "e.g. --set optim.min_lr=1e-6")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        out[key.strip()] = value
-    return out
-
-
-def read_toml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise HDError(f"recipe not found: {path}", "give a path to a .toml file, e.g. recipes/distill/tiny-cpu.toml")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise HDError(f"{path} is not valid TOML: {e}") from None
-    except UnicodeDecodeError:
-        raise HDError(f"{path} is not a text file") from None
-
-
-def validate(cfg) -> None:
-    """Run each section's ``validate()`` then the config's own (cross-section checks), if any."""
-    for sname in sections(type(cfg)):
-        check = getattr(getattr(cfg, sname), "validate", None)
-        if check:
-            check()
-    check = getattr(cfg, "validate", None)
-    if check:
-        check()
-
-
-def load_config(cls, recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
-                base: str | os.PathLike | None = None):
-    """Defaults <- ``base`` (a resolved config.toml, when resuming) <- recipe <- CLI overrides; validated."""
-    cfg = cls()
-    if base is not None:
-        merge(cfg, read_toml(base), str(base))
-    if recipe is not None:
-        merge(cfg, read_toml(recipe), str(recipe))
-    apply_overrides(cfg, overrides or {})
-    validate(cfg)
-    return cfg
-
-
-# ---------------------------------------------------------------- TOML writer (tomllib only reads)
-
-def _key(k: str) -> str:
-    return k if k and all(c.isalnum() or c in "_-" for c in k) else _string(k)
-
-
-def _string(s: str) -> str:
-    out = []
-    for c in s:
-        if c == "\\":
-            out.append("\\\\")
-        elif c == '"':
-            out.append('\\"')
-        elif c == "\n":
-            out.append("\\n")
-        elif c == "\t":
-            out.append("\\t")
-        elif ord(c) < 0x20 or ord(c) == 0x7F:
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def toml_value(v) -> str:
-    if v is None:
-        return '"none"'
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)  # shortest round-trip form; always has '.' or 'e'
-    if isinstance(v, str):
-        return _string(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, os.PathLike):
-        return _string(os.fspath(v))
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def to_dict(cfg) -> dict:
-    return {s: dataclasses.asdict(getattr(cfg, s)) for s in sections(type(cfg))}
-
-
-def dump_config(cfg, header: str = "") -> str:
-    """The full config as TOML, one table per section (what ``tomllib`` + ``from_dict`` read back equal)."""
-    lines = [f"# {line}" for line in header.splitlines()]
-    for sname, values in to_dict(cfg).items():
-        if lines:
-            lines.append("")
-        lines.append(f"[{sname}]")
-        lines += [f"{_key(k)} = {toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
-
-
-def save_config(cfg, path: str | os.PathLike, header: str = "resolved configuration of this run (hd writes it)") -> Path:
-    """Write the resolved config atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(dump_config(cfg, header))
-    os.replace(tmp, path)
-    return path
+        raise HDError(f"{key} must be one of {', '.join(choices)}; got {value!r}", did_you_mean(str(value), choices))
