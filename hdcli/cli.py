@@ -69,6 +69,16 @@ def _register() -> None:
 _register()
 
 
+def run_in_process(argv: list[str]) -> None:
+    """``hd ...`` (argv[0] = "hd") in this interpreter; HDError propagates, a non-zero exit becomes one."""
+    try:
+        rc = app(args=argv[1:], standalone_mode=False, prog_name="hd")
+    except SystemExit as e:
+        rc = e.code
+    if rc not in (None, 0):
+        raise HDError(f"`{' '.join(argv)}` exited with status {rc}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; print user errors as one red line and exit 2 (``--debug``: raise)."""
     debug = "--debug" in (argv if argv is not None else sys.argv) or os.environ.get("HD_DEBUG") == "1"

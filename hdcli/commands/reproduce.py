@@ -84,6 +84,8 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             ui.stdout.print(rp.format_plan(p), end="", markup=False, highlight=False, soft_wrap=True)
             return
-        counts = rp.execute(p)
+        from hdcli.cli import run_in_process
+
+        counts = rp.execute(p, run_hd=run_in_process if p.scale == "smoke" else None)
         ui.info(f"[green]{target} done[/]: {counts['ran']} stage(s) ran, {counts['done']} already done, "
                 f"{counts['skipped']} not run; report in {p.out / (target + '.md')}")

@@ -46,6 +46,7 @@ from pathlib import Path
 from hdcli import config, ui
 from hdcli.errors import HDError, did_you_mean
 from hdcli.paper import report
+from hdcli.tools import flops
 
 REPO = report.REPO
 PAPER_RECIPES = REPO / "recipes" / "paper"
@@ -178,7 +179,6 @@ def _wrap_nodes(argv: list[str], nodes: int) -> list[str]:
 def arch_dims(arch: str, **kwargs):
     """ViTDims of a timm architecture or teacher name (meta device: no weights)."""
     from hdcli import teachers
-    from hdcli.tools import flops
 
     if arch == WEAK_MAE or arch.startswith(("local-dir:", "/", ".")):
         arch = "vit_base_patch16_224.mae"  # a teacher directory: the estimate assumes an MAE ViT-B/16
@@ -189,106 +189,20 @@ def arch_dims(arch: str, **kwargs):
     return flops.arch_dims(arch, **kwargs)
 
 
-def _student_dims(cfg, img_size: int | None = None):
+def student_dims(cfg, img_size: int | None = None):
     kw = dict(cfg.student.kwargs)
     if cfg.student.patch_size:
         kw["patch_size"] = cfg.student.patch_size
     return arch_dims(cfg.student.arch, img_size=img_size or cfg.data.img_size, **kw)
 
 
+def distill_flops(cfg) -> int:
+    """Model FLOPs per image of one distillation step of ``cfg`` (teachers and student named as in its recipe)."""
+    return flops.distill_step(cfg, lambda name: arch_dims(name, img_size=cfg.data.img_size), student_dims(cfg))
+
+
 def n_keep(cfg, n_patches: int) -> int:
-    """Patches the student keeps (METHOD.md: the count depends only on N and the settings)."""
-    from hdcli.masking import keep_count
-
-    dc = cfg.distill
-    if dc.masking == "none" or not dc.mask_blocks:
-        return n_patches
-    return keep_count(n_patches, dc.drop_ratio, len(set(dc.mask_blocks)))
-
-
-def targets_of(dc) -> list[dict]:
-    """The targets a ``[distill]`` section trains (the hybrid default written out)."""
-    if dc.targets:
-        return [dict(t) for t in dc.targets]
-    return [{"teacher": dc.teachers[1], "kind": "features"},
-            {"teacher": dc.teachers[0], "kind": "relations", "blocks": list(dc.relation_blocks),
-             "student_blocks": dc.student_relation_blocks}]
-
-
-def distill_flops(cfg, dims: Callable[[str], object] | None = None) -> int:
-    """Model FLOPs of one distillation step per image for any ``[distill]`` section, with the counting rules
-    of ``hdcli.tools.flops.hybrid_step`` (teachers run up to the last block a target or the mask needs; relations
-    and the student on CLS + kept patches; backward = 2x forward, patch embedding 1x). Elementwise losses
-    are left out."""
-    from hdcli.tools import flops
-
-    dims = dims or (lambda name: arch_dims(name, img_size=cfg.data.img_size))
-    dc = cfg.distill
-    s = _student_dims(cfg)
-    grid = cfg.data.img_size // patch_of(s)
-    n = grid * grid
-    kept = n_keep(cfg, n)
-    tok = s.prefix + kept
-    tgts = targets_of(dc)
-    needs_mask = dc.masking in ("progressive", "direct") and kept < n
-    mask_teacher = (dc.mask_teacher or dc.teachers[0]) if needs_mask else None
-    mask_blocks = sorted(set(dc.mask_blocks)) if dc.masking == "progressive" else sorted(set(dc.mask_blocks))[-1:]
-    total = 0
-    for name in dict.fromkeys(dc.teachers):
-        d = dims(name)
-        run_blocks, taps = 0, 0
-        for t in (t for t in tgts if t["teacher"] == name):
-            blocks = list(t.get("blocks") or [])
-            if t["kind"] == "features":
-                run_blocks = d.depth
-            elif t["kind"] == "relations":
-                run_blocks = max(run_blocks, *blocks)  # entering block b needs blocks 0..b-1
-                taps += len(blocks)
-            else:  # block / msa: the output of block b
-                run_blocks = max(run_blocks, *(b + 1 for b in blocks))
-        if name == mask_teacher:
-            run_blocks = max(run_blocks, *mask_blocks)
-        total += flops.encoder(d, n, d.prefix + n, run_blocks) + taps * flops.relations(d, tok)
-    fwd = flops.encoder(s, n, tok, s.depth)
-    for t in tgts:
-        td = dims(t["teacher"])
-        if t["kind"] == "features":
-            fwd += flops.linear(tok, s.dim, td.dim)
-        elif t["kind"] == "relations":
-            fwd += len(t.get("student_blocks") or t.get("blocks") or []) * flops.relations(s, tok)
-        else:
-            fwd += len(t.get("blocks") or []) * flops.linear(tok, s.dim, td.dim)
-    pe = flops.patch_embed(s, n)
-    return total + fwd + 2 * (fwd - pe) + pe
-
-
-def patch_of(d) -> int:
-    """Patch side of a ViTDims (patch_in = 3·p²)."""
-    return int(round(math.sqrt(d.patch_in / 3)))
-
-
-def train_flops(d, n_patches: int) -> int:
-    """Forward + backward of a plain ViT classifier on all tokens, per image."""
-    from hdcli.tools import flops
-
-    fwd = flops.encoder(d, n_patches, d.prefix + n_patches, d.depth)
-    pe = flops.patch_embed(d, n_patches)
-    return fwd + 2 * (fwd - pe) + pe
-
-
-def vitdet_flops(d, size: int = COCO_SIZE, window: int = COCO_WINDOW) -> int:
-    """Backbone forward + backward of ViTDet at ``size``² (window attention except 4 global blocks), per image."""
-    from hdcli.tools import flops
-
-    side = size // patch_of(d)
-    n = side * side
-    padded = math.ceil(side / window) ** 2
-    attn_global, attn_window = flops.attention(d, n), padded * flops.attention(d, window * window)
-    dense = flops.block(d, n) - attn_global
-    n_global = 4
-    fwd = flops.patch_embed(d, n) + d.depth * dense + n_global * attn_global + (d.depth - n_global) * attn_window
-    pe = flops.patch_embed(d, n)
-    return fwd + 2 * (fwd - pe) + pe
+    return flops.config_keep(cfg, n_patches)
 
 
 def hours(flops_total: float, tflops: float) -> float:
@@ -349,23 +263,12 @@ def plan(target: str, *, out: str | os.PathLike | None = None, scale: str = "ful
     if nodes < 1 or (gpus is not None and gpus < 1):
         raise HDError(f"GPUS and NODES must be ≥ 1, got {gpus} and {nodes}")
     smoke = scale == "smoke"
-    data = {k: v for k, v in (data or {}).items() if v}
     if gpus is None:
         gpus = _visible_gpus() or REF_WORLD
     if smoke:
         gpus, nodes = 1, 1
     out = Path(out or DEFAULT_OUT[scale])
-    if tflops is not None:
-        if tflops <= 0:
-            raise HDError(f"--tflops must be > 0, got {tflops}")
-        source = f"given: {tflops:g} TFLOP/s per GPU"
-    elif bench:
-        tflops, source = _load_bench(bench)
-    else:
-        tflops = ASSUMED_PEAK * ASSUMED_MFU
-        source = (f"ASSUMED {tflops:.0f} TFLOP/s per GPU = {ASSUMED_MFU:.0%} MFU of an {ASSUMED_GPU}; "
-                  "measure yours with `hd bench distill --json > bench.json` and pass BENCH=bench.json")
-    p = Plan(target, scale, out, gpus, nodes, tflops, source, data)
+    p = Plan(target, scale, out, gpus, nodes, *_throughput(tflops, bench), {k: v for k, v in (data or {}).items() if v})
     paper = report.load_paper(paper_path)
     runs = report.runs_of(target, paper)
     if only:
@@ -373,92 +276,111 @@ def plan(target: str, *, out: str | os.PathLike | None = None, scale: str = "ful
         if bad:
             raise HDError(f"{', '.join(bad)} is not a run of {target}", did_you_mean(bad[0], runs))
         runs = [r for r in runs if r in only]
-    world = p.world
+    cfgs = {r: config.load_config(DistillConfig, recipe=PAPER_RECIPES / f"{r}.toml") for r in runs}
 
     if not smoke:  # pretrained teachers must be in the hub cache (compute nodes run offline)
-        names = []
-        for r in runs:
-            cfg = config.load_config(DistillConfig, recipe=PAPER_RECIPES / f"{r}.toml")
-            names += [t for t in cfg.distill.teachers if t != WEAK_MAE and t not in names]
+        names = list(dict.fromkeys(t for c in cfgs.values() for t in c.distill.teachers if t != WEAK_MAE))
         p.steps.append(Step("", "teachers", ["hd", "fetch-teachers", "--offline", *names],
                             gpu_hours=0.0, estimate="verifies the hub cache; download first with "
                             f"`hd fetch-teachers {' '.join(names)}` on a machine with internet"))
-
-    for r in runs:
+    for r, cfg in cfgs.items():
         p.labels[r] = report.row_labels(r, paper)
-        recipe = PAPER_RECIPES / f"{r}.toml"
-        cfg = config.load_config(DistillConfig, recipe=recipe)
         run_dir = out / r
-        distill_dir = run_dir / "distill"
-        dkey = DISTILL_DATA.get(r, "in1k")
-        argv = [*launcher(world, nodes, offline=not smoke), "distill", "--recipe", _rel(recipe),
-                "--data", "demo" if smoke else data.get(dkey, f"${DATA[dkey][0]}"),
-                "--out", str(distill_dir), "--resume", "auto"]
-        skip = ""
-        if WEAK_MAE in cfg.distill.teachers:
-            if smoke:
-                pass
-            elif mae_in100:
-                argv += rename_teachers(cfg.distill, {WEAK_MAE: mae_in100})
-            else:
-                skip = "needs the ImageNet-100 MAE teacher: set MAE_IN100=DIR (docs/reproduce.md)"
-        if smoke:
-            argv += _smoke_distill(cfg)
-        else:
-            bs, acc = fit_batch(cfg.train.batch_size, cfg.train.accum_steps, world)
-            if bs != cfg.train.batch_size:
-                argv += ["--batch-size", str(bs)]
-            if acc != cfg.train.accum_steps:
-                argv += ["--accum-steps", str(acc)]
-        est = None if smoke else hours(distill_flops(cfg) * DATA[dkey][2] * cfg.train.epochs, tflops)
-        p.steps.append(Step(r, "distill", _wrap_nodes(argv, nodes), distill_dir / "student" / "model.safetensors",
-                            est, skip=skip, needs=() if smoke else (dkey,)))
-
-        student = _student_dims(cfg, 224) if not smoke else None
+        distill = _distill_step(p, r, cfg, run_dir, mae_in100)
+        p.steps.append(distill)
+        student = student_dims(cfg, 224) if not smoke else None
         for key in TABLE_FINETUNE[target]:
-            ft_dir = run_dir / f"ft-{key}"
-            ft_recipe = finetune_recipe(key, cfg.student.arch)
-            dataset = "demo" if smoke else DATA[key][1]
-            argv = [*launcher(world, nodes, offline=not smoke), "finetune", dataset, "--student",
-                    str(distill_dir), "--out", str(ft_dir), "--resume", "auto"]
-            if ft_recipe is not None:
-                argv[argv.index("finetune") + 2:argv.index("finetune") + 2] = ["--recipe", _rel(ft_recipe)]
-            est, note = None, ""
-            if smoke:
-                argv += _smoke_finetune()
-            else:
-                argv[argv.index("--student"):argv.index("--student")] = ["--data-dir", data.get(key, f"${DATA[key][0]}")]
-                ft = config.read_toml(ft_recipe) if ft_recipe else {}
-                bs0 = ft.get("train", {}).get("batch_size", 128)
-                acc0 = ft.get("train", {}).get("accum_steps", 1)
-                bs, acc = fit_batch(bs0, acc0, world)
-                if bs != bs0:
-                    argv += ["--batch-size", str(bs)]
-                if acc != acc0:
-                    argv += ["--accum-steps", str(acc)]
-                epochs = ft.get("train", {}).get("epochs", 100)
-                img = ft.get("data", {}).get("img_size", 224)
-                d = _student_dims(cfg, img)
-                grid = img // patch_of(d)
-                est = hours(train_flops(d, grid * grid) * DATA[key][2] * epochs, tflops)
-                if ft_recipe is None:
-                    note = f"no recipes/finetune recipe for {key}: hd finetune's defaults (MAE ViT-B, 100 epochs)"
-            p.steps.append(Step(r, f"finetune:{key}", _wrap_nodes(argv, nodes),
-                                ft_dir / "student" / "model.safetensors", est, note, skip=skip,
-                                needs=() if smoke else (key,)))
-
+            p.steps.append(_finetune_step(p, r, cfg, run_dir, key, skip=distill.skip))
         for fmt in TABLE_EXPORTS[target]:
             f = run_dir / "export" / f"{fmt}.pth"
-            p.steps.append(Step(r, f"export:{fmt}", ["hd", "export", str(distill_dir), "--format", fmt, "--out", str(f)],
-                                f, 0.0, skip=skip))
-
+            p.steps.append(Step(r, f"export:{fmt}", ["hd", "export", str(run_dir / "distill"), "--format", fmt,
+                                                     "--out", str(f)], f, 0.0, skip=distill.skip))
         for task in TABLE_DOWNSTREAM[target]:
-            p.steps.append(_downstream(task, r, run_dir, cfg, student, gpus, tflops, smoke=smoke, skip=skip,
+            p.steps.append(_downstream(task, r, run_dir, cfg, student, gpus, p.tflops, smoke=smoke, skip=distill.skip,
                                        detectron2_dir=detectron2_dir, mmseg_dir=mmseg_dir))
-
     p.steps.append(Step("", "report", ["hd", "report", target, "--runs", str(out), "--out", str(out / f"{target}.md")],
                         gpu_hours=0.0))
     return p
+
+
+def _throughput(tflops: float | None, bench: str | None) -> tuple[float, str]:
+    """Achieved TFLOP/s per GPU for the GPU-hour estimates, and where the figure comes from."""
+    if tflops is not None:
+        if tflops <= 0:
+            raise HDError(f"--tflops must be > 0, got {tflops}")
+        return tflops, f"given: {tflops:g} TFLOP/s per GPU"
+    if bench:
+        return _load_bench(bench)
+    tflops = ASSUMED_PEAK * ASSUMED_MFU
+    return tflops, (f"ASSUMED {tflops:.0f} TFLOP/s per GPU = {ASSUMED_MFU:.0%} MFU of an {ASSUMED_GPU}; "
+                    "measure yours with `hd bench distill --json > bench.json` and pass BENCH=bench.json")
+
+
+def _weights(run: Path) -> Path:
+    """The file a finished training run leaves: its export's weights."""
+    from hdcli.rundir import STUDENT
+    from hdcli.teachers import WEIGHT_FILES
+
+    return run / STUDENT / WEIGHT_FILES[0]
+
+
+def _fit(argv: list[str], batch: int, accum: int, world: int) -> None:
+    """Add --batch-size/--accum-steps to ``argv`` where the recipe's (for REF_WORLD GPUs) must change."""
+    bs, acc = fit_batch(batch, accum, world)
+    if bs != batch:
+        argv += ["--batch-size", str(bs)]
+    if acc != accum:
+        argv += ["--accum-steps", str(acc)]
+
+
+def _distill_step(p: Plan, r: str, cfg, run_dir: Path, mae_in100: str | None) -> Step:
+    smoke = p.scale == "smoke"
+    recipe = PAPER_RECIPES / f"{r}.toml"
+    distill_dir = run_dir / "distill"
+    dkey = DISTILL_DATA.get(r, "in1k")
+    argv = [*launcher(p.world, p.nodes, offline=not smoke), "distill", "--recipe", _rel(recipe),
+            "--data", "demo" if smoke else p.data.get(dkey, f"${DATA[dkey][0]}"),
+            "--out", str(distill_dir), "--resume", "auto"]
+    skip = ""
+    if WEAK_MAE in cfg.distill.teachers and not smoke:
+        if mae_in100:
+            argv += rename_teachers(cfg.distill, {WEAK_MAE: mae_in100})
+        else:
+            skip = "needs the ImageNet-100 MAE teacher: set MAE_IN100=DIR (docs/reproduce.md)"
+    if smoke:
+        argv += _smoke_distill(cfg)
+    else:
+        _fit(argv, cfg.train.batch_size, cfg.train.accum_steps, p.world)
+    est = None if smoke else hours(distill_flops(cfg) * DATA[dkey][2] * cfg.train.epochs, p.tflops)
+    return Step(r, "distill", _wrap_nodes(argv, p.nodes), _weights(distill_dir), est, skip=skip,
+                needs=() if smoke else (dkey,))
+
+
+def _finetune_step(p: Plan, r: str, cfg, run_dir: Path, key: str, *, skip: str) -> Step:
+    smoke = p.scale == "smoke"
+    ft_dir = run_dir / f"ft-{key}"
+    ft_recipe = finetune_recipe(key, cfg.student.arch)
+    argv = [*launcher(p.world, p.nodes, offline=not smoke), "finetune", "demo" if smoke else DATA[key][1]]
+    if ft_recipe is not None:
+        argv += ["--recipe", _rel(ft_recipe)]
+    if not smoke:
+        argv += ["--data-dir", p.data.get(key, f"${DATA[key][0]}")]
+    argv += ["--student", str(run_dir / "distill"), "--out", str(ft_dir), "--resume", "auto"]
+    est, note = None, ""
+    if smoke:
+        argv += _smoke_finetune()
+    else:
+        ft = config.read_toml(ft_recipe) if ft_recipe else {}
+        _fit(argv, ft.get("train", {}).get("batch_size", 128), ft.get("train", {}).get("accum_steps", 1), p.world)
+        epochs = ft.get("train", {}).get("epochs", 100)
+        img = ft.get("data", {}).get("img_size", 224)
+        d = student_dims(cfg, img)
+        grid = img // flops.patch_of(d)
+        est = hours(flops.classifier_step(d, grid * grid) * DATA[key][2] * epochs, p.tflops)
+        if ft_recipe is None:
+            note = f"no recipes/finetune recipe for {key}: hd finetune's defaults (MAE ViT-B, 100 epochs)"
+    return Step(r, f"finetune:{key}", _wrap_nodes(argv, p.nodes), _weights(ft_dir), est, note, skip=skip,
+                needs=() if smoke else (key,))
 
 
 def _smoke_distill(cfg) -> list[str]:
@@ -546,7 +468,7 @@ def _downstream(task: str, run: str, run_dir: Path, cfg, student, gpus: int, tfl
             r = report.read_detectron2(work / "metrics.json")
             report.record(run_dir, box_ap=r["box_ap"], mask_ap=r.get("mask_ap"), source=f"detectron2 {work}")
 
-        est = None if smoke else hours(vitdet_flops(student) * COCO_IMAGES, tflops)
+        est = None if smoke else hours(flops.vitdet(student, COCO_SIZE, COCO_WINDOW) * COCO_IMAGES, tflops)
         note = "LOWER BOUND: backbone FLOPs only (FPN, RPN and Mask R-CNN heads add more)"
     else:
         root, why = _tool("mmseg", mmseg_dir, "tools/dist_train.sh", "MMSEG_DIR")
@@ -568,8 +490,8 @@ def _downstream(task: str, run: str, run_dir: Path, cfg, student, gpus: int, tfl
 
         est = None
         if not smoke:
-            grid = ADE_SIZE // patch_of(student)
-            est = hours(train_flops(student, grid * grid) * ADE_IMAGES, tflops)
+            grid = ADE_SIZE // flops.patch_of(student)
+            est = hours(flops.classifier_step(student, grid * grid) * ADE_IMAGES, tflops)
         note = "LOWER BOUND: backbone FLOPs only (UperNet's 768-channel head costs several times the backbone)"
     if smoke:
         why = "not run: SCALE=smoke trains no detector/segmenter"
@@ -660,21 +582,11 @@ def _exec_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def _run_in_process(argv: list[str]) -> None:
-    """``hd ...`` in this interpreter (smoke: no start-up cost per stage). HDError propagates."""
-    from hdcli.cli import app
+def execute(p: Plan, *, run_hd: Callable[[list[str]], None] | None = None) -> dict:
+    """Run every step that is neither done nor skipped, in order. Returns counts of what happened.
 
-    try:
-        rc = app(args=argv[1:], standalone_mode=False, prog_name="hd")
-    except SystemExit as e:
-        rc = e.code
-    if rc not in (None, 0):
-        raise HDError(f"`{join(argv)}` exited with status {rc}")
-
-
-def execute(p: Plan, *, in_process: bool | None = None) -> dict:
-    """Run every step that is neither done nor skipped, in order. Returns counts of what happened."""
-    in_process = p.scale == "smoke" if in_process is None else in_process
+    ``run_hd(argv)``: how an ``hd ...`` step runs in this process (the CLI passes its own app for the smoke
+    scale: no start-up cost per stage); without it every step is a subprocess."""
     check_out(p)
     check_data(p)
     p.out.mkdir(parents=True, exist_ok=True)
@@ -695,8 +607,8 @@ def execute(p: Plan, *, in_process: bool | None = None) -> dict:
         ui.info(f"[bold]{name}[/]: {s.command()}")
         t0 = time.perf_counter()
         try:
-            if in_process and s.argv[0] == "hd":
-                _run_in_process(s.argv)
+            if run_hd is not None and s.argv[0] == "hd":
+                run_hd(s.argv)
             else:
                 rc = subprocess.call(_exec_argv(s.argv))
                 if rc:

@@ -23,7 +23,8 @@ What one image costs in a step (METHOD.md; the engine runs exactly this, ``hdcli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 # SmoothL1 forward (difference, abs, compare, square/scale, select, mean) and backward (~4): about 10 per element.
@@ -241,3 +242,94 @@ def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
     with FlopCounterMode(display=False, custom_mapping=flop_counter_mapping()) as counter:
         out = fn(*args, **kwargs)
     return int(counter.get_total_flops()), out
+
+
+# ---------------------------------------------------------------- whole steps from a config (hd reproduce's GPU-hours)
+
+def config_keep(cfg, n_patches: int) -> int:
+    """Patches the student keeps (METHOD.md: the count depends only on N and the settings)."""
+    from hdcli.masking import keep_count
+
+    dc = cfg.distill
+    if dc.masking == "none" or not dc.mask_blocks:
+        return n_patches
+    return keep_count(n_patches, dc.drop_ratio, len(set(dc.mask_blocks)))
+
+
+def config_targets(dc) -> list[dict]:
+    """The targets a ``[distill]`` section trains (the hybrid default written out)."""
+    if dc.targets:
+        return [dict(t) for t in dc.targets]
+    return [{"teacher": dc.teachers[1], "kind": "features"},
+            {"teacher": dc.teachers[0], "kind": "relations", "blocks": list(dc.relation_blocks),
+             "student_blocks": dc.student_relation_blocks}]
+
+
+def distill_step(cfg, dims: Callable[[str], ViTDims], student: ViTDims) -> int:
+    """Model FLOPs of one distillation step per image for any ``[distill]`` section, with the counting rules
+    of :func:`hybrid_step` (teachers run up to the last block a target or the mask needs; relations and the
+    student on CLS + kept patches; backward = 2x forward, patch embedding 1x). Elementwise losses are left
+    out. ``dims(name)``: the ViTDims of a teacher as named in ``cfg.distill.teachers``; ``student``: the
+    student's."""
+    dc = cfg.distill
+    s = student
+    grid = cfg.data.img_size // patch_of(s)
+    n = grid * grid
+    kept = config_keep(cfg, n)
+    tok = s.prefix + kept
+    tgts = config_targets(dc)
+    needs_mask = dc.masking in ("progressive", "direct") and kept < n
+    mask_teacher = (dc.mask_teacher or dc.teachers[0]) if needs_mask else None
+    mask_blocks = sorted(set(dc.mask_blocks)) if dc.masking == "progressive" else sorted(set(dc.mask_blocks))[-1:]
+    total = 0
+    for name in dict.fromkeys(dc.teachers):
+        d = dims(name)
+        run_blocks, taps = 0, 0
+        for t in (t for t in tgts if t["teacher"] == name):
+            blocks = list(t.get("blocks") or [])
+            if t["kind"] == "features":
+                run_blocks = d.depth
+            elif t["kind"] == "relations":
+                run_blocks = max(run_blocks, *blocks)  # entering block b needs blocks 0..b-1
+                taps += len(blocks)
+            else:  # block / msa: the output of block b
+                run_blocks = max(run_blocks, *(b + 1 for b in blocks))
+        if name == mask_teacher:
+            run_blocks = max(run_blocks, *mask_blocks)
+        total += encoder(d, n, d.prefix + n, run_blocks) + taps * relations(d, tok)
+    fwd = encoder(s, n, tok, s.depth)
+    for t in tgts:
+        td = dims(t["teacher"])
+        if t["kind"] == "features":
+            fwd += linear(tok, s.dim, td.dim)
+        elif t["kind"] == "relations":
+            fwd += len(t.get("student_blocks") or t.get("blocks") or []) * relations(s, tok)
+        else:
+            fwd += len(t.get("blocks") or []) * linear(tok, s.dim, td.dim)
+    pe = patch_embed(s, n)
+    return total + fwd + 2 * (fwd - pe) + pe
+
+
+def patch_of(d) -> int:
+    """Patch side of a ViTDims (patch_in = 3·p²)."""
+    return int(round(math.sqrt(d.patch_in / 3)))
+
+
+def classifier_step(d, n_patches: int) -> int:
+    """Forward + backward of a plain ViT classifier on all tokens, per image."""
+    fwd = encoder(d, n_patches, d.prefix + n_patches, d.depth)
+    pe = patch_embed(d, n_patches)
+    return fwd + 2 * (fwd - pe) + pe
+
+
+def vitdet(d, size: int = 1024, window: int = 14) -> int:
+    """Backbone forward + backward of ViTDet at ``size``² (window attention except 4 global blocks), per image."""
+    side = size // patch_of(d)
+    n = side * side
+    padded = math.ceil(side / window) ** 2
+    attn_global, attn_window = attention(d, n), padded * attention(d, window * window)
+    dense = block(d, n) - attn_global
+    n_global = 4
+    fwd = patch_embed(d, n) + d.depth * dense + n_global * attn_global + (d.depth - n_global) * attn_window
+    pe = patch_embed(d, n)
+    return fwd + 2 * (fwd - pe) + pe
