@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from hdcli.config import MASKING
 from hdcli.errors import HDError, did_you_mean
 
-STRATEGIES = ("progressive", "direct", "random", "none")
+STRATEGIES = MASKING  # the names are the config's (hdcli.config.MASKING)
 
 
 def check_strategy(masking: str) -> str:

@@ -25,13 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdcli import masking as masking_lib
+from hdcli.config import RELATION_HEADS
+from hdcli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from hdcli.errors import HDError, did_you_mean
 from hdcli.models import vit
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-RELATION_HEADS = ("match", "mean")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CONFIG = "config.toml"
@@ -29,24 +31,30 @@ STUDENT = "student"
 TENSORBOARD = "tensorboard"
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file beside it and a rename; parent dirs are created.
-
-    The temp file is removed if the write fails (a full disk), and the old file, if any, stays intact.
-    """
+@contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path beside ``path`` (same filesystem) to write to; renamed over ``path`` when the block
+    succeeds, removed when it fails (a full disk), so ``path`` is either the old file or the whole new one.
+    Parent dirs are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` (text or bytes) to ``path`` atomically (:func:`replacing`)."""
+    with replacing(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj, *, indent: int = 1) -> Path:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, tiny_vit
 
+from hdcli import teachers
 from hdcli.errors import HDError
 from hdcli.tools import export as ex
 
@@ -246,18 +247,18 @@ def test_overrides_name_only_what_differs_from_vit_b():
 
 
 def test_student_dir_accepts_run_dir_and_local_dir(student_run):
-    assert ex.student_dir(str(student_run)) == student_run / "student"
-    assert ex.student_dir(f"local-dir:{student_run / 'student'}") == student_run / "student"
+    assert teachers.student_dir(str(student_run)) == student_run / "student"
+    assert teachers.student_dir(f"local-dir:{student_run / 'student'}") == student_run / "student"
 
 
 def test_student_dir_without_weights_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(HDError, match="no model.safetensors"):
-        ex.student_dir(str(tmp_path))
+        teachers.student_dir(str(tmp_path))
 
 
 def test_mmseg_file_from_local_dir(student_run, tmp_path, vit):
-    model = ex.load_student(f"local-dir:{student_run / 'student'}")
+    model = teachers.load_student(f"local-dir:{student_run / 'student'}")
     res = ex.export(model, "mmseg", tmp_path / "mm.pth")
     sd = torch.load(res.path, map_location="cpu", weights_only=True)
     assert set(sd) == MMSEG_KEYS and sd["pos_embed"].shape == vit.pos_embed.shape

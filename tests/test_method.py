@@ -344,3 +344,10 @@ def test_compiles_as_one_graph_without_host_syncs(models, images):
     out = compiled(images)
     out.loss.backward()
     torch.testing.assert_close(out.loss, method(images).loss)
+
+
+def test_the_config_names_every_kind_of_the_tap_table():
+    from hdcli import config, method
+
+    assert tuple(method.TAPS) == config.TARGET_KINDS
+    assert all(t.feature_like == (k != "relations") for k, t in method.TAPS.items())

@@ -43,11 +43,12 @@ def export(
     """Export a student for downstream work (docs/downstream.md): timm, detectron2 ViTDet (COCO Mask
     R-CNN) or mmsegmentation MAE backbone (ADE20K UperNet). The position embedding keeps its CLS slot;
     the final norm, pooling and classifier are dropped for detectron2 and mmseg."""
+    from hdcli import teachers
     from hdcli.tools import export as ex
     from hdcli.ui import info
 
     ex.check_out(out, fmt.value, force=force)
-    model = ex.load_student(student, cache_dir=str(cache_dir) if cache_dir else None)
+    model = teachers.load_student(student, cache_dir=str(cache_dir) if cache_dir else None)
     res = ex.export(model, fmt.value, out, force=force)
     kind = "directory" if fmt is Format.timm else "checkpoint"
     info(f"[green]wrote[/] {fmt.value} {kind} [bold]{res.path}[/] "

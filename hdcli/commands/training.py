@@ -19,7 +19,9 @@ def resolve_config(load: Callable, out: Path, *, recipe, overrides: dict, set_: 
     from hdcli import config, ui
 
     overrides = {**overrides, **config.parse_assignments(set_ or [])}
-    base = out / "config.toml" if resume is not None and (out / "config.toml").is_file() else None
+    from hdcli.rundir import CONFIG
+
+    base = out / CONFIG if resume is not None and (out / CONFIG).is_file() else None
     cfg = load(recipe=recipe, overrides=overrides, base=base)
     if print_config:
         ui.stdout.print(config.dump_config(cfg), end="", markup=False, highlight=False, soft_wrap=True)

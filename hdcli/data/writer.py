@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from hdcli import ui
 from hdcli.data.shards import _is_shard_name
 from hdcli.data.sources import SPLIT_DIRS, Source, _split_alias, open_records, parse_source
 from hdcli.errors import HDError, did_you_mean
+from hdcli.rundir import write_json
 
 # ---------------------------------------------------------------------------------------------------------
 # Shard writer
@@ -93,9 +93,7 @@ def write_shards(source: str | os.PathLike | None, out: str | os.PathLike, *, ma
             ui.warn(f"{split}: skipped {skipped} unreadable images of {len(rec)}")
         info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": filenames,
                                  "shard_lengths": lengths}
-    tmp = out / "_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, out / "_info.json")
+    write_json(out / "_info.json", info, indent=2)
     return info
 
 

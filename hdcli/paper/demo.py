@@ -27,6 +27,7 @@ from pathlib import Path
 
 from hdcli import ui
 from hdcli.errors import HDError
+from hdcli.rundir import RESULTS, STUDENT, atomic_write, read_json, write_json
 
 STAGES_FILE = "stages.json"
 REPORT = "report.md"
@@ -124,7 +125,7 @@ def finetune_overrides(student: Path, scale: Scale, *, linear_probe: bool, seed:
 # ---------------------------------------------------------------- running one stage
 
 def _trained(run: Path) -> bool:
-    return (run / "student" / "config.json").is_file()
+    return (run / STUDENT / "config.json").is_file()
 
 
 def _resume(run: Path) -> str | None:
@@ -163,7 +164,7 @@ def _finished(result: dict) -> None:
 
 
 def _finetuned(run: Path) -> bool:
-    return _trained(run) and (run / "results.json").is_file()
+    return _trained(run) and (run / RESULTS).is_file()
 
 
 def run_analysis(out: Path, models: dict[str, Path], n_images: int, source: str = "demo") -> None:
@@ -200,7 +201,7 @@ def stages(out: Path, scale: Scale, seed: int = 0) -> list[Stage]:
               lambda: run_distill(student, teachers, scale, seed)),
     ]
     for name in MODELS:
-        src = out / name / "student"
+        src = out / name / STUDENT
         for lp, kind in ((True, "probe"), (False, "finetune")):
             run = out / "eval" / f"{name}-{kind}"
             what = "linear-probe" if lp else "fine-tune"
@@ -209,7 +210,7 @@ def stages(out: Path, scale: Scale, seed: int = 0) -> list[Stage]:
                                                                             seed=seed)))
     analysis = out / "analysis"
     plan.append(Stage("analyze", "head distance and NMI", analysis, lambda: _analysed(analysis),
-                      lambda: run_analysis(analysis, {n: out / n / "student" for n in MODELS},
+                      lambda: run_analysis(analysis, {n: out / n / STUDENT for n in MODELS},
                                            scale.analysis_images)))
     return plan
 
@@ -238,25 +239,15 @@ def run_stages(plan: list[Stage], out: Path, *, force: bool = False) -> dict[str
                 t0 = time.perf_counter()
                 st.run()
                 log[st.name] = {"time_s": round(time.perf_counter() - t0, 1), "skipped": False}
-            _write_json(log_path, log)
+            write_json(log_path, log)
             bar.advance(task)
     return log
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the report
 
 def _results(run: Path) -> dict | None:
-    try:
-        return json.loads((run / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(run / RESULTS)
 
 
 def summary_rows(out: Path) -> list[dict]:
@@ -388,11 +379,7 @@ def write_report(out: Path, scale: Scale, log: dict[str, dict], *, quick: bool =
         + "The mini study (docs/mini-study.md) runs the comparison rows over 3 seeds on Fashion-MNIST.",
         "",
     ]
-    path = out / REPORT
-    tmp = path.with_name(f".{REPORT}.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(out / REPORT, "\n".join(lines))
 
 
 def print_table(out: Path, scale: Scale) -> None:
@@ -432,7 +419,7 @@ def demo(out: str | os.PathLike = "runs/demo", *, quick: bool = False, force: bo
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(marker, want)
+    write_json(marker, want)
     log = run_stages(stages(out, scale, seed), out, force=force)
     path = write_report(out, scale, log, quick=quick)
     print_table(out, scale)

@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 
 from hdcli.errors import HDError, did_you_mean
+from hdcli.rundir import CONFIG, RESULTS, atomic_write, read_json
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER_RESULTS = REPO / "recipes" / "paper_results.toml"
@@ -127,14 +128,6 @@ class Measured:
     note: str = ""
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def _number(v) -> float | None:
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return None
@@ -143,7 +136,7 @@ def _number(v) -> float | None:
 
 def finetune_result(ft_dir: Path, best: bool = False) -> Measured | None:
     """Top-1 of a finetune run (results.json): the last epoch's, or the best with ``best``."""
-    res = read_json(ft_dir / "results.json")
+    res = read_json(ft_dir / RESULTS)
     if not res:
         return None
     v = _number(res.get("best_top1" if best else "top1"))
@@ -181,7 +174,7 @@ def measure(run_dir: Path, metrics: list[str], best: bool = False) -> dict[str, 
 def describe_run(run_dir: Path) -> str:
     """One line on what a run trained (from the resolved configs), so a reader sees what was compared."""
     parts = []
-    cfg = _toml(run_dir / "distill" / "config.toml")
+    cfg = _toml(run_dir / "distill" / CONFIG)
     if cfg:
         s, t, d, dc = cfg.get("student", {}), cfg.get("train", {}), cfg.get("data", {}), cfg.get("distill", {})
         kw = s.get("kwargs") or {}
@@ -197,7 +190,7 @@ def describe_run(run_dir: Path) -> str:
     else:
         parts.append("not distilled yet")
     for key, sub in FINETUNE_METRICS.items():
-        res = read_json(run_dir / sub / "results.json")
+        res = read_json(run_dir / sub / RESULTS)
         if res:
             parts.append(f"{key}: {res.get('epochs')}/{res.get('total_epochs')} epochs on {res.get('dataset')}")
     for fname in (COCO, ADE20K):
@@ -224,7 +217,7 @@ def is_smoke(runs: Path, run_names: list[str]) -> bool:
     if state and state.get("scale") == "smoke":
         return True
     for r in run_names:
-        cfg = _toml(runs / r / "distill" / "config.toml")
+        cfg = _toml(runs / r / "distill" / CONFIG)
         if cfg and cfg.get("data", {}).get("source") in (None, "none", "demo"):
             return True
     return False
@@ -306,12 +299,7 @@ def report(which: str, runs: str | os.PathLike, *, paper_path: str | os.PathLike
     return "\n".join(out) + "\n"
 
 
-def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+write_text = atomic_write  # reports, reproduce.json and downstream results: written whole or not at all
 
 
 # ---------------------------------------------------------------- downstream results

@@ -28,6 +28,7 @@ from pathlib import Path
 from hdcli import ui
 from hdcli.paper import demo
 from hdcli.paper.demo import Scale, Stage
+from hdcli.rundir import STUDENT, atomic_write, write_json
 
 ROWS: dict[str, dict] = {
     "distill-mae": {"label": "Distill-MAE (features)", "teachers": ["mae"],
@@ -77,7 +78,7 @@ def stages(out: Path, scale: Scale, seeds: list[int], rows: list[str]) -> list[S
         for lp, kind in ((True, "probe"), (False, "finetune")):
             run = out / "eval" / f"{t}-{kind}"
             plan.append(Stage(f"{t}/{kind}", f"{t} teacher: {kind}", run, lambda r=run: demo._finetuned(r),
-                              lambda r=run, p=path, lp=lp: demo.run_finetune(r, p / "student", scale,
+                              lambda r=run, p=path, lp=lp: demo.run_finetune(r, p / STUDENT, scale,
                                                                               linear_probe=lp, seed=0)))
     for key in rows:
         d = row_distill(ROWS[key], names, scale)
@@ -90,10 +91,10 @@ def stages(out: Path, scale: Scale, seeds: list[int], rows: list[str]) -> list[S
                 plan.append(Stage(f"{key}/seed{seed}/{kind}", f"{key} seed {seed}: {kind}", run / kind,
                                   lambda r=run, k=kind: demo._finetuned(r / k),
                                   lambda r=run, k=kind, s=seed, lp=lp: demo.run_finetune(
-                                      r / k, r / "distill" / "student", scale, linear_probe=lp, seed=s)))
+                                      r / k, r / "distill" / STUDENT, scale, linear_probe=lp, seed=s)))
     analysis = out / "analysis"
-    models = {"mae": mae / "student", "sup": sup / "student",
-              **{key: out / key / f"seed{seeds[0]}" / "distill" / "student" for key in rows}}
+    models = {"mae": mae / STUDENT, "sup": sup / STUDENT,
+              **{key: out / key / f"seed{seeds[0]}" / "distill" / STUDENT for key in rows}}
     plan.append(Stage("analyze", "head distance and NMI", analysis, lambda: demo._analysed(analysis),
                       lambda: run_analysis(analysis, models, scale, rows)))
     return plan
@@ -157,7 +158,7 @@ def write_report(out: Path, scale: Scale, seeds: list[int], rows: list[str], log
     res = summary(out, seeds, rows, scale)
     blocks = ", ".join(map(str, scale.relation_blocks))
     json_path = out / "study.json"
-    demo._write_json(json_path, {"seeds": seeds, "scale": dataclasses.asdict(scale), "rows": res, "stages": log})
+    write_json(json_path, {"seeds": seeds, "scale": dataclasses.asdict(scale), "rows": res, "stages": log})
     lines = [
         "## Results",
         "",
@@ -176,7 +177,7 @@ def write_report(out: Path, scale: Scale, seeds: list[int], rows: list[str], log
     lines += ["", "Plots (in `analysis/`): `head_distance.png`, `nmi.png` (all rows), and per row "
               "`head_distance-<row>.png`, `nmi-<row>.png` (the row's student against both teachers).", ""]
     path = out / "study.md"
-    path.write_text("\n".join(lines))
+    atomic_write(path, "\n".join(lines))
     return path
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from hdcli import data, teachers
 from hdcli.config import DistillConfig
 from hdcli.errors import HDError
+from hdcli.rundir import STUDENT
 from hdcli.train.task import Task
 
 RANDOM = "random:"
@@ -90,7 +91,7 @@ class DistillTask(Task):
     """``hd distill``: trains ``method.student`` + ``method.heads``; exports the student alone."""
 
     log_keys = ("loss", "loss_feat", "loss_rel")
-    export_dir = "student"
+    export_dir = STUDENT
 
     def __init__(self, cfg: DistillConfig):
         self.cfg = cfg

@@ -33,11 +33,11 @@ from torch import nn
 from hdcli import config, data, ui
 from hdcli.config import FinetuneConfig
 from hdcli.errors import HDError
+from hdcli.rundir import RESULTS, STUDENT, read_json, write_json
 from hdcli.tasks import classify
 from hdcli.train.optim import param_groups_weight_decay, total_steps
 from hdcli.train.task import Task
 
-RESULTS = "results.json"
 LOW_RES = ("cifar100", "demo", "fashion-mnist")  # small images upsampled: evaluated without a crop margin
 HEAD_INIT_STD = {"finetune": 2e-5, "linear_probe": 0.01}  # MAE main_finetune.py / main_linprobe.py
 
@@ -117,7 +117,7 @@ def fold_batchnorm(bn: nn.BatchNorm1d, linear: nn.Linear) -> nn.Linear:
 def check_student(student: str) -> None:
     """HDError now for a student that is neither a model directory nor a known name/tag (cheap)."""
     from hdcli import teachers
-    from hdcli.tools.export import student_dir
+    from hdcli.teachers import student_dir
 
     if student_dir(student) is None:
         try:
@@ -129,12 +129,12 @@ def check_student(student: str) -> None:
 
 def _student_weights(student: str) -> Path | None:
     """The safetensors file of a student given as a directory (None for registry names / timm tags)."""
-    from hdcli.tools.export import student_dir
+    from hdcli.teachers import WEIGHT_FILES, student_dir
 
     d = student_dir(student)
     if d is None:
         return None
-    f = d / "model.safetensors"
+    f = d / WEIGHT_FILES[0]
     return f if f.is_file() else None
 
 
@@ -144,7 +144,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     from timm.layers import trunc_normal_
 
     from hdcli import teachers
-    from hdcli.tools.export import student_dir
+    from hdcli.teachers import student_dir
 
     fc = cfg.finetune
     d = student_dir(fc.student)
@@ -262,7 +262,7 @@ class FinetuneTask(Task):
     top-1/top-5 after every epoch into ``<run>/results.json``, exports the model to ``<run>/student``."""
 
     log_keys = ("loss",)
-    export_dir = "student"
+    export_dir = STUDENT
 
     def __init__(self, cfg: FinetuneConfig, run_dir: str | os.PathLike):
         self.cfg, self.run_dir = cfg, Path(run_dir).resolve()
@@ -392,18 +392,8 @@ class FinetuneTask(Task):
                 f"(best top-1 {best['top1']:.2f}% at epoch {best['epoch']})")
 
 
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def read_results(run_dir: str | os.PathLike) -> dict | None:
-    path = Path(run_dir) / RESULTS
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(Path(run_dir) / RESULTS)
 
 
 def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, *, resume: str | None = None,

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from hdcli.errors import HDError
 from hdcli.models.vit import patch_size, relations
+from hdcli.rundir import atomic_write
 
 METRICS = {
     "head_distance": "average head distance (pixels)",
@@ -261,7 +262,7 @@ def write_json(path: Path, metric: str, n_images: int, models: dict[str, dict]) 
     doc = {"metric": metric, "images": n_images, "models": models}
     text = json.dumps(doc, indent=2)
     text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", text)
-    path.write_text(text + "\n")
+    atomic_write(path, text + "\n")
 
 
 def _pyplot():

@@ -26,7 +26,6 @@ torch and timm are imported at module top: the command imports this module insid
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,9 +33,9 @@ import torch
 from torch import Tensor, nn
 
 from hdcli.errors import HDError
+from hdcli.rundir import replacing
 
 FORMATS = ("timm", "detectron2", "mmseg")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 # timm block suffix -> target block suffix. Biases missing in timm (qkv_bias=False, ...) are written
 # as zeros, which is what a layer without bias computes; mmseg's gammas default to ones (no layer scale).
@@ -328,51 +327,6 @@ def _fmt_value(v) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def student_dir(student: str) -> Path | None:
-    """The directory holding the student's ``config.json`` + weights, or None for a hub name/tag.
-
-    Accepts ``local-dir:PATH``, a ``student/`` dir, or a run dir holding ``student/``. A string that
-    looks like a path but is not an existing directory is an error.
-    """
-    explicit = student.startswith("local-dir:")
-    raw = student[len("local-dir:"):] if explicit else student
-    path = Path(raw).expanduser()
-    looks_like_path = explicit or path.exists() or os.sep in raw or raw.startswith((".", "~"))
-    if not looks_like_path:
-        return None
-    if not path.is_dir():
-        raise HDError(f"no student directory at {path}",
-                      "give a run dir, its student/ dir, or local-dir:PATH holding config.json + model.safetensors")
-    for cand in (path, path / "student"):
-        if (cand / "config.json").is_file():
-            if not any((cand / f).is_file() for f in WEIGHT_FILES):
-                raise HDError(f"{cand} has config.json but no {WEIGHT_FILES[0]}", "the export needs the weights too")
-            return cand
-    if (path / "checkpoints").is_dir():
-        raise HDError(f"the run {path} has no student/ yet", "distill writes student/ when it finishes or saves")
-    raise HDError(f"{path} holds no config.json", "give a run dir, its student/ dir, or local-dir:PATH")
-
-
-def load_student(student: str, *, cache_dir: str | None = None) -> nn.Module:
-    """The student as a timm model in eval mode, its own config kept (classifier included).
-    Names that are not paths go through the teacher registry / hub cache (``hdcli.teachers.load``)."""
-    import timm
-
-    d = student_dir(student)
-    if d is None:
-        try:
-            from hdcli import teachers
-        except ImportError as e:  # pragma: no cover - only while teachers.py is not written yet
-            raise HDError(f"no student directory at {student}", "give a run dir or local-dir:PATH") from e
-        return teachers.load(student, cache_dir=cache_dir)
-    try:
-        model = timm.create_model(f"local-dir:{d.resolve()}", pretrained=True)
-    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
-        raise HDError(f"cannot load the student from {d}: {str(e).splitlines()[0]}",
-                      "is it a timm save_for_hf dir (config.json + model.safetensors)?") from e
-    return model.eval()
-
-
 def check_out(out: Path, fmt: str, *, force: bool) -> None:
     """Validate the output path before any work is done."""
     if fmt == "detectron2" and out.suffix in (".pkl", ".pyth"):
@@ -419,9 +373,8 @@ def export(model: nn.Module, fmt: str, out: str | Path, *, force: bool = False) 
     # detectron2's DetectionCheckpointer reads {"model": state_dict}; mmseg's backbones read a flat
     # state dict (what beit2mmseg.py writes) or {"state_dict": ...}.
     payload = {"model": sd, "__author__": "hd export"} if fmt == "detectron2" else sd
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    with replacing(out) as tmp:  # a failed save (a full disk) leaves neither a partial file nor a temp one
+        torch.save(payload, tmp)
     params = sum(v.numel() for v in sd.values())
     return ExportResult(out, fmt, len(sd), params, conv.notes, config_overrides(lay, fmt))
 
@@ -432,5 +385,5 @@ def num_params_str(n: int) -> str:
 
 __all__ = [
     "FORMATS", "Layout", "Converted", "ExportResult", "pos_embed_with_cls_slot", "to_detectron2",
-    "to_mmseg", "layout", "config_overrides", "student_dir", "load_student", "export",
+    "to_mmseg", "layout", "config_overrides", "export",
 ]

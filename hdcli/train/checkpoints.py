@@ -115,7 +115,7 @@ def load_trainable(model: nn.Module, frozen_names: set[str], ckpt: Path) -> None
     """Load the trainable weights of a checkpoint; HDError listing missing/unexpected keys on a mismatch."""
     from safetensors.torch import load_file
 
-    path = ckpt / "model.safetensors"
+    path = ckpt / "model.safetensors"  # what accelerator.save_state writes
     if not path.is_file():
         raise HDError(f"checkpoint {ckpt} has no model.safetensors", "it is incomplete or not an hd checkpoint")
     try:

@@ -1,0 +1,123 @@
+"""The teacher registry: short names -> timm tags and roles (torch-free, no timm import)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hdcli.errors import HDError, closest, did_you_mean
+
+if TYPE_CHECKING:
+    pass
+
+ROLES = ("mim", "feature")
+MANIFEST = "teachers.json"
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repo, in order
+
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A teacher as the user named it: ``name`` (as given), ``tag`` (what timm loads), ``role``.
+
+    ``role`` is "mim" (relations + keep sets come from it), "feature" (final features), or None
+    for anything outside the registry (the recipe then says what it is used for).
+    """
+
+    name: str
+    tag: str
+    role: str | None = None
+
+
+# Paper Sec. 4.1 / METHOD.md defaults. OpenAI CLIP was trained with QuickGELU, hence the quickgelu tags.
+REGISTRY: dict[str, TeacherSpec] = {
+    "mae": TeacherSpec("mae", "vit_base_patch16_224.mae", "mim"),
+    "mae-l": TeacherSpec("mae-l", "vit_large_patch16_224.mae", "mim"),
+    "clip": TeacherSpec("clip", "vit_base_patch16_clip_quickgelu_224.openai", "feature"),
+    "clip-l": TeacherSpec("clip-l", "vit_large_patch14_clip_quickgelu_224.openai", "feature"),
+    "deit": TeacherSpec("deit", "deit_base_patch16_224.fb_in1k", "feature"),
+}
+
+# The hub repos timm's pretrained_cfg names for the registry tags (the quickgelu CLIP tags share the
+# plain CLIP repos). Kept here so that cache checks (`--list`, `--offline`, the no-network probe) need
+# no timm import; tests/test_teachers.py checks them against timm.
+_REGISTRY_HUB_IDS: dict[str, str] = {
+    "mae": "timm/vit_base_patch16_224.mae",
+    "mae-l": "timm/vit_large_patch16_224.mae",
+    "clip": "timm/vit_base_patch16_clip_224.openai",
+    "clip-l": "timm/vit_large_patch14_clip_224.openai",
+    "deit": "timm/deit_base_patch16_224.fb_in1k",
+}
+
+
+def names() -> list[str]:
+    """The registry's short names, in registry order."""
+    return list(REGISTRY)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# resolving names
+
+
+def resolve(name: str | TeacherSpec) -> TeacherSpec:
+    """Map what the user wrote to a :class:`TeacherSpec`.
+
+    Accepted: a registry short name (case-insensitive); ``local-dir:PATH`` or a plain directory
+    holding ``config.json`` + weights (timm's ``save_for_hf`` layout, e.g. a run's ``student/``);
+    ``hf-hub:ORG/NAME``; any timm model name with or without a pretrained tag.
+    """
+    if isinstance(name, TeacherSpec):
+        return name
+    raw = str(name).strip()
+    if not raw:
+        raise HDError("empty teacher name", f"use one of: {', '.join(names())}, a timm tag or a directory")
+    if raw.lower() in REGISTRY:
+        return REGISTRY[raw.lower()]
+    if raw.startswith(HF_HUB):
+        return TeacherSpec(raw, raw, None)
+    # timm names never hold a path separator; anything path-like must be a model directory
+    if raw.startswith((LOCAL_DIR, ".", "~")) or "/" in raw or os.sep in raw or Path(raw).is_dir():
+        path = Path(raw[len(LOCAL_DIR):] if raw.startswith(LOCAL_DIR) else raw).expanduser()
+        if not path.is_dir():
+            raise HDError(f"teacher directory {path} does not exist",
+                          "give a directory holding model.safetensors + config.json (timm's save_for_hf layout)")
+        if not (path / "config.json").is_file():
+            raise HDError(f"{path} has no config.json, so timm cannot tell which model it holds",
+                          "a run's student/ directory or timm's save_for_hf output has one")
+        return TeacherSpec(raw, LOCAL_DIR + str(path.resolve()), None)
+    return TeacherSpec(raw, _check_timm_tag(raw), None)
+
+
+def _unknown(tag: str, near: list[str]) -> HDError:
+    return HDError(f"unknown teacher '{tag}': not in the registry ({', '.join(names())}) and not a timm model",
+                   f"did you mean: {', '.join(near)}? `hd fetch-teachers --list` shows the registry")
+
+
+def _check_timm_tag(tag: str) -> str:
+    """``tag`` if timm knows the model (and its pretrained tag, when one is given), else an HDError."""
+    if not re.fullmatch(r"\w+(\.[\w-]+)?", tag):  # timm names are [a-z0-9_]+(.[a-z0-9_]+): no timm import needed
+        raise _unknown(tag, closest(tag, names()))
+    import timm
+    from timm.models import split_model_name_tag
+
+    arch, pretrained_tag = split_model_name_tag(tag)
+    if not timm.is_model(arch):
+        raise _unknown(tag, closest(tag, names()) + difflib.get_close_matches(arch, timm.list_models(), n=2,
+                                                                               cutoff=0.85))
+    tags = timm.list_pretrained(f"{arch}.*") if pretrained_tag else []
+    if pretrained_tag and tag not in tags:
+        raise HDError(f"timm has no pretrained weights '{tag}'",
+                      (did_you_mean(tag, tags) if tags else f"{arch} has no pretrained tags in timm"))
+    return tag
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the hub cache
+
+
