@@ -27,7 +27,6 @@ achieved TFLOP/s per GPU: measured by ``hd bench distill --json`` on your GPU (`
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from pathlib import Path
 
 from hdcli import config, ui
 from hdcli.errors import HDError, did_you_mean
-from hdcli.paper import report
+from hdcli.paper import downstream, report
 from hdcli.tools import flops
 
 REPO = report.REPO
@@ -73,11 +72,6 @@ REF_WORLD = 8  # recipes give the per-GPU batch for 8 GPUs (the paper's 8 V100s)
 # Achieved TFLOP/s per GPU assumed when no measurement is given (labelled as an assumption in the plan).
 ASSUMED_PEAK, ASSUMED_MFU, ASSUMED_GPU = 989.0, 0.30, "H100 SXM (989 dense bf16 TFLOP/s)"
 
-# Downstream schedules of the configs in docs/downstream.md (for the GPU-hour estimate).
-COCO_IMAGES = 184_375 * 64  # ViTDet mask_rcnn_vitdet_*_100ep: max_iter x total_batch_size
-COCO_SIZE, COCO_WINDOW = 1024, 14  # LSJ 1024 crops; window attention 14x14 except 4 global blocks
-ADE_IMAGES = 160_000 * 16  # mmseg 160k schedule, 8 GPUs x 2 images
-ADE_SIZE = 512
 
 # Tiny stand-ins for SCALE=smoke (the recipes' architectures at test size, as recipes/distill/tiny-cpu.toml).
 SMOKE_IMG, SMOKE_PATCH, SMOKE_STEPS, SMOKE_BATCH = 32, 4, 3, 16
@@ -205,8 +199,7 @@ def n_keep(cfg, n_patches: int) -> int:
     return flops.config_keep(cfg, n_patches)
 
 
-def hours(flops_total: float, tflops: float) -> float:
-    return flops_total / (tflops * 1e12) / 3600
+hours = flops.gpu_hours
 
 
 def _load_bench(path: str | os.PathLike) -> tuple[float, str]:
@@ -296,8 +289,10 @@ def plan(target: str, *, out: str | os.PathLike | None = None, scale: str = "ful
             p.steps.append(Step(r, f"export:{fmt}", ["hd", "export", str(run_dir / "distill"), "--format", fmt,
                                                      "--out", str(f)], f, 0.0, skip=distill.skip))
         for task in TABLE_DOWNSTREAM[target]:
-            p.steps.append(_downstream(task, r, run_dir, cfg, student, gpus, p.tflops, smoke=smoke, skip=distill.skip,
-                                       detectron2_dir=detectron2_dir, mmseg_dir=mmseg_dir))
+            st = downstream.stage(task, run_dir, cfg, student, gpus, p.tflops, smoke=smoke,
+                                  detectron2_dir=detectron2_dir, mmseg_dir=mmseg_dir)
+            p.steps.append(Step(r, task, st.argv, st.done, st.gpu_hours, st.note, skip=distill.skip or st.why,
+                                after=st.after))
     p.steps.append(Step("", "report", ["hd", "report", target, "--runs", str(out), "--out", str(out / f"{target}.md")],
                         gpu_hours=0.0))
     return p
@@ -434,68 +429,6 @@ def _visible_gpus() -> int:
         return torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - a planning machine without a working CUDA stack plans for 8
         return 0
-
-
-# ---------------------------------------------------------------- detectron2 / mmseg
-
-def _tool(module: str, checkout: str | None, script: str, env: str) -> tuple[Path | None, str]:
-    """The checkout of an external tool if it can run here, else (None, why not)."""
-    if importlib.util.find_spec(module) is None:
-        return None, f"not run: {module} is not installed (set {env}=CHECKOUT with it installed to run it)"
-    if not checkout:
-        return None, f"not run: {env} (the {module} checkout holding {script}) is not set"
-    root = Path(checkout).expanduser()
-    if not (root / script).is_file():
-        return None, f"not run: {root / script} not found ({env} must be a {module} checkout)"
-    return root, ""
-
-
-def _downstream(task: str, run: str, run_dir: Path, cfg, student, gpus: int, tflops: float, *, smoke: bool,
-                skip: str, detectron2_dir: str | None, mmseg_dir: str | None) -> Step:
-    large = "large" in cfg.student.arch
-    if task == "coco":
-        root, why = _tool("detectron2", detectron2_dir, "tools/lazyconfig_train_net.py", "DETECTRON2_DIR")
-        base = root or Path("$DETECTRON2_DIR")
-        cfg_file = base / f"projects/ViTDet/configs/COCO/mask_rcnn_vitdet_{'l' if large else 'b'}_100ep.py"
-        work = run_dir / "coco"
-        argv = ["python", str(base / "tools/lazyconfig_train_net.py"), "--config-file", str(cfg_file),
-                "--num-gpus", str(gpus), "--resume",
-                f"train.init_checkpoint={(run_dir / 'export' / 'detectron2.pth').resolve()}",
-                f"train.output_dir={work.resolve()}"]
-        done = run_dir / report.COCO
-
-        def after() -> None:
-            r = report.read_detectron2(work / "metrics.json")
-            report.record(run_dir, box_ap=r["box_ap"], mask_ap=r.get("mask_ap"), source=f"detectron2 {work}")
-
-        est = None if smoke else hours(flops.vitdet(student, COCO_SIZE, COCO_WINDOW) * COCO_IMAGES, tflops)
-        note = "LOWER BOUND: backbone FLOPs only (FPN, RPN and Mask R-CNN heads add more)"
-    else:
-        root, why = _tool("mmseg", mmseg_dir, "tools/dist_train.sh", "MMSEG_DIR")
-        base = root or Path("$MMSEG_DIR")
-        work = run_dir / "ade20k"
-        argv = ["bash", str(base / "tools/dist_train.sh"),
-                str(base / "configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py"), str(gpus),
-                "--work-dir", str(work.resolve()), "--resume", "--cfg-options",
-                f"model.pretrained={(run_dir / 'export' / 'mmseg.pth').resolve()}"]
-        if large:  # mmseg ships the MAE UperNet config for ViT-B only (docs/downstream.md, other shapes)
-            argv += ["model.backbone.embed_dims=1024", "model.backbone.num_layers=24", "model.backbone.num_heads=16",
-                     "model.backbone.out_indices=[7,11,15,23]", "model.neck.embed_dim=1024",
-                     "model.decode_head.in_channels=[1024,1024,1024,1024]", "model.auxiliary_head.in_channels=1024",
-                     "optim_wrapper.paramwise_cfg.num_layers=24"]
-        done = run_dir / report.ADE20K
-
-        def after() -> None:
-            report.record(run_dir, miou=report.read_mmseg(work), source=f"mmseg {work}")
-
-        est = None
-        if not smoke:
-            grid = ADE_SIZE // flops.patch_of(student)
-            est = hours(flops.classifier_step(student, grid * grid) * ADE_IMAGES, tflops)
-        note = "LOWER BOUND: backbone FLOPs only (UperNet's 768-channel head costs several times the backbone)"
-    if smoke:
-        why = "not run: SCALE=smoke trains no detector/segmenter"
-    return Step(run, task, argv, done, est, note, skip=skip or why, after=after)
 
 
 # ---------------------------------------------------------------- printing

@@ -333,3 +333,8 @@ def vitdet(d, size: int = 1024, window: int = 14) -> int:
     fwd = patch_embed(d, n) + d.depth * dense + n_global * attn_global + (d.depth - n_global) * attn_window
     pe = patch_embed(d, n)
     return fwd + 2 * (fwd - pe) + pe
+
+
+def gpu_hours(flops_total: float, tflops: float) -> float:
+    """GPU-hours of ``flops_total`` model FLOPs at ``tflops`` achieved TFLOP/s per GPU."""
+    return flops_total / (tflops * 1e12) / 3600
