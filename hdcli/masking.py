@@ -7,7 +7,9 @@ settings, never on the data, so shapes stay static (``torch.compile`` compiles o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +33,13 @@ def check_drop_ratio(drop_ratio: float) -> float:
 
 
 def step_count(n: int, drop_ratio: float) -> int:
-    """Tokens kept by one masking step: n' = floor(n·(1 − r) + 0.5), at least 1 (METHOD.md)."""
-    return max(1, int(n * (1.0 - drop_ratio) + 0.5))
+    """Tokens kept by one masking step: n' = floor(n·(1 − r) + 0.5), at least 1 (METHOD.md).
+
+    In exact rational arithmetic, with r read as the decimal it was written as (0.3 = 3/10): in floats
+    45·(1 − 0.3) + 0.5 is 31.9999…, which would floor to 31 where METHOD.md's formula gives 32.
+    """
+    r = Fraction(repr(float(drop_ratio)))  # the shortest decimal that round-trips: 0.3 -> 3/10
+    return max(1, math.floor(n * (1 - r) + Fraction(1, 2)))
 
 
 def keep_count(n: int, drop_ratio: float, steps: int) -> int:

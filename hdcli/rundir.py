@@ -3,6 +3,7 @@
 A run dir (``hd distill/finetune/pretrain --out DIR``; DESIGN.md "Formats")::
 
     DIR/config.toml         the resolved config (CONFIG)
+    DIR/config-history/     earlier segments' configs (--allow-config-change) (CONFIG_HISTORY)
     DIR/metrics.jsonl       one JSON object per logged step (METRICS)
     DIR/results.json        hd finetune: top-1/top-5 per epoch (RESULTS)
     DIR/checkpoints/step_*  Accelerate state + state.json (CHECKPOINTS, STATE)
@@ -23,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 CONFIG = "config.toml"
+CONFIG_HISTORY = "config-history"  # config of each earlier segment of a run resumed with --allow-config-change
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 CHECKPOINTS = "checkpoints"
@@ -69,3 +71,68 @@ def read_json(path: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run dir, held by one launch for the whole run (``fcntl.flock`` on ``DIR/.lock``).
+
+    Only the main process of a launch takes it (its other ranks belong to the same run). The kernel drops
+    the lock when its process dies, so a lock file left by a killed run is free: it is taken over, and
+    the holder it names is reported. A second run on the same dir gets a one-line error naming the holder.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, what: str = "hd"):
+        self.path = Path(run_dir) / LOCK
+        self.what = what
+        self._fd: int | None = None
+        self.took_over: str | None = None  # the holder named in a stale lock file, if one was taken over
+
+    def acquire(self) -> RunLock:
+        import fcntl
+        import socket
+        import sys
+        import time
+
+        from hdcli.errors import HDError
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise HDError(f"{self.path.parent} is in use by another run ({holder or 'holder unknown'})",
+                          "wait for it to finish, stop it, or choose another --out") from None
+        stale = _read_holder(fd)
+        self.took_over = stale or None
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}: "
+                      f"{self.what} {' '.join(sys.argv[1:])}\n").encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 4096).decode(errors="replace").strip()
+    except OSError:
+        return ""

@@ -134,3 +134,13 @@ def test_dump_reads_back_equal(tmp_path):
 def test_valid_keys_lists_dotted_keys():
     keys = config.valid_keys(DistillConfig)
     assert "optim.blr" in keys and "distill.drop_ratio" in keys and "train.nan_tolerance" in keys
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_float_settings_must_be_finite(value):
+    from hdcli.config import DistillConfig, load_config
+
+    with pytest.raises(HDError, match=r"optim.lr must be a finite number"):
+        load_config(DistillConfig, overrides={"optim.lr": float(value)})
+    with pytest.raises(HDError, match=r"distill.alpha must be a finite number"):
+        load_config(DistillConfig, overrides=config.parse_assignments([f"distill.alpha={value}"]))

@@ -296,3 +296,44 @@ def test_lr_of_logged_steps_follows_the_schedule(tmp_path):
     want = [optim.lr_at(s, total=8, warmup=2, peak=peak) for s in range(8)]
     assert [r["lr"] for r in recs] == pytest.approx(want)
     assert math.isclose(max(r["lr"] for r in recs), peak)
+
+
+class InfBias(Toy):
+    """The last layer's bias turns infinite at step 3 while every gradient stays finite (no step is skipped)."""
+
+    def loss(self, model, batch):
+        if self.calls == 3:
+            with torch.no_grad():
+                model.net[3].bias.fill_(float("inf"))
+        self.calls += 1
+        x, y = batch
+        return {"loss": ((model.net[0](x)).sum(1, keepdim=True) - y).pow(2).mean()}
+
+
+def test_non_finite_final_weights_are_never_exported(tmp_path):
+    cfg = toy_cfg(steps=6, save_every=100)
+    with pytest.raises(HDError, match=r"final weights are not finite \(1 tensor\(s\), e.g. net.3.bias\)"):
+        engine.train(lambda: InfBias(cfg), cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "student").exists()
+
+
+@dataclass
+class IdConfig(ToyConfig):
+    IDENTITY = ("optim.weight_decay",)  # stands for what defines a method (distill: student, distill, img size)
+
+
+def test_a_resume_that_changes_the_identity_is_refused_or_recorded_as_a_new_segment(tmp_path):
+    cfg = IdConfig()
+    cfg.train.batch_size, cfg.train.steps, cfg.train.save_every, cfg.optim.warmup_steps = 8, 4, 4, 1
+    engine.train(lambda: Toy(cfg), cfg, tmp_path / "run")
+    before = (tmp_path / "run" / "config.toml").read_text()
+    cfg.train.steps, cfg.optim.weight_decay = 8, 0.1
+    with pytest.raises(HDError, match=r"would change what it trains \(optim.weight_decay: 0.05 -> 0.1\)"):
+        engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume="auto")
+    assert (tmp_path / "run" / "config.toml").read_text() == before  # the record of the first segment is kept
+    engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume="auto", allow_config_change=True)
+    assert (tmp_path / "run" / "config-history" / "until_step_0000004.toml").read_text() == before
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    change = next(r for r in recs if "config_change" in r)
+    assert change["step"] == 4 and change["config_change"] == {"optim.weight_decay": ["0.05", "0.1"]}
+    assert "weight_decay = 0.1" in (tmp_path / "run" / "config.toml").read_text()

@@ -128,3 +128,15 @@ def test_bad_strategy_and_ratio_are_user_errors():
         masking.keep_set("progresive", [], 0.3, batch=1, n=4, steps=1)
     with pytest.raises(HDError, match="outside"):
         masking.check_drop_ratio(1.0)
+
+
+def test_step_counts_are_exact_on_the_whole_grid():
+    # METHOD.md: n' = floor(n(1 - r) + 0.5); with r = k/10 that is (20n - 2kn + 10) // 20 in integers.
+    # Floats disagree on 119 of these pairs (45 * 0.7 + 0.5 = 31.999...: 31 instead of 32).
+    for k in range(1, 10):
+        for n in range(1, 1025):
+            assert masking.step_count(n, k / 10) == max(1, (20 * n - 2 * k * n + 10) // 20), (n, k)
+
+
+def test_the_64_patch_tiny_setting_keeps_45_32_22():
+    assert [masking.keep_count(64, 0.3, s) for s in range(4)] == [64, 45, 32, 22]

@@ -46,7 +46,7 @@ OPTIONS = (
 def register(app: typer.Typer) -> None:
     @app.command("distill")
     @with_options(DistillConfig, *OPTIONS)
-    def distill(overrides: dict, recipe, out, resume, set_, print_config) -> None:
+    def distill(overrides: dict, recipe, out, resume, set_, print_config, allow_config_change) -> None:
         """Distil a ViT student from a MIM teacher's relations and a feature teacher's features.
 
         With no --data it trains on the built-in demo digits. Example (CPU, about a minute):
@@ -66,5 +66,5 @@ def register(app: typer.Typer) -> None:
         from hdcli.train import engine
 
         result = engine.train(lambda: DistillTask(cfg), cfg, out, resume=resume,
-                              resume_hint=f"hd distill --out {out} --resume auto")
+                              resume_hint=f"hd distill --out {out} --resume auto", allow_config_change=allow_config_change)
         exit_if_interrupted(result)

@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         overrides: dict,
         dataset: Annotated[str | None, typer.Argument(help=f"{' | '.join(FT_DATASETS)} (may come from --recipe).",
                                                       show_default=False)] = None,
-        recipe=None, out=None, resume=None, set_=None, print_config=False,
+        recipe=None, out=None, resume=None, set_=None, print_config=False, allow_config_change=False,
     ) -> None:
         """Fine-tune a student for classification and report top-1/top-5 after every epoch.
 
@@ -84,7 +84,8 @@ def register(app: typer.Typer) -> None:
                              set_=set_, resume=resume, print_config=print_config)
         if cfg is None:
             return
-        result = ft.finetune(cfg, out, resume=resume, resume_hint=f"hd finetune --out {out} --resume auto")
+        result = ft.finetune(cfg, out, resume=resume, resume_hint=f"hd finetune --out {out} --resume auto",
+                             allow_config_change=allow_config_change)
         exit_if_interrupted(result)
         res = result["results"]
         if res and ui.is_main_process():

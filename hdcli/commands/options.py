@@ -118,7 +118,8 @@ def with_options(cls, *opts: Opt | inspect.Parameter):
 def run_options(out: str, *, out_help: str = "Run directory: config.toml, metrics.jsonl, checkpoints/, student/.",
                 recipe_help: str = "TOML recipe; lists only what differs from the defaults.",
                 set_example: str = "optim.min_lr=1e-6") -> list[inspect.Parameter]:
-    """--recipe, --out, --resume, --set, --print-config: how a training run is named, continued and configured."""
+    """--recipe, --out, --resume, --set, --print-config, --allow-config-change: how a training run is named,
+    continued and configured."""
     kw = inspect.Parameter.KEYWORD_ONLY
     return [
         inspect.Parameter("recipe", kw, default=None, annotation=Annotated[Path | None, typer.Option(
@@ -133,6 +134,9 @@ def run_options(out: str, *, out_help: str = "Run directory: config.toml, metric
             rich_help_panel=RUN, show_default=False)]),
         inspect.Parameter("print_config", kw, default=False, annotation=Annotated[bool, typer.Option(
             "--print-config", help="Print the resolved config (TOML) to stdout and exit.", rich_help_panel=RUN)]),
+        inspect.Parameter("allow_config_change", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--allow-config-change", help="Let --resume change what the run trains (teachers, blocks, masking, "
+            "model, ...): a new segment, its predecessor's config kept in config-history/.", rich_help_panel=RUN)]),
     ]
 
 

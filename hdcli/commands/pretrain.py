@@ -38,7 +38,8 @@ def _common(out: str) -> tuple:
             *student_options("--arch"), MODEL_KWARGS, DATA_SOURCE, *DATA_OPTS, *TRAIN, *CHECKPOINTS)
 
 
-def _run(mode: str, overrides: dict, out, recipe, resume, set_, print_config, model_kwargs) -> None:
+def _run(mode: str, overrides: dict, out, recipe, resume, set_, print_config, model_kwargs,
+         allow_config_change: bool) -> None:
     from hdcli import config, ui
     from hdcli.commands.training import exit_if_interrupted, resolve_config
     from hdcli.tasks import pretrain
@@ -49,7 +50,8 @@ def _run(mode: str, overrides: dict, out, recipe, resume, set_, print_config, mo
                          set_=set_, resume=resume, print_config=print_config)
     if cfg is None:
         return
-    result = pretrain.pretrain(cfg, out, resume=resume, resume_hint=f"hd pretrain {mode} --out {out} --resume auto")
+    result = pretrain.pretrain(cfg, out, resume=resume, resume_hint=f"hd pretrain {mode} --out {out} --resume auto",
+                               allow_config_change=allow_config_change)
     exit_if_interrupted(result)
     ui.info(f"use it as a teacher: hd distill --teachers local-dir:{result['student']},...")
 
@@ -68,13 +70,14 @@ def register(app: typer.Typer) -> None:
                   Opt("pretrain.decoder_heads", ("--decoder-heads",), "Decoder heads.", OBJ, int),
                   Opt("pretrain.norm_pix_loss", ("--norm-pix-loss/--no-norm-pix-loss",), "Per-patch normalised "
                       "pixel targets.", OBJ, bool))
-    def mae(overrides: dict, out, recipe, resume, set_, print_config, model_kwargs) -> None:
+    def mae(overrides: dict, out, recipe, resume, set_, print_config, model_kwargs,
+            allow_config_change) -> None:
         """MAE: random 75% masking, light decoder, normalised-pixel loss; exports the encoder.
 
         Example (CPU, tiny): hd pretrain mae --img-size 32 --patch-size 4 --model-kwargs
         '{embed_dim = 48, depth = 12, num_heads = 3}' --set pretrain.decoder_dim=64 --steps 200 --out runs/mae
         """
-        _run("mae", overrides, out, recipe, resume, set_, print_config, model_kwargs)
+        _run("mae", overrides, out, recipe, resume, set_, print_config, model_kwargs, allow_config_change)
 
     @sub.command("supervised")
     @with_options(lambda: load_pretrain("supervised"), *_common("runs/pretrain-sup"),
@@ -84,9 +87,10 @@ def register(app: typer.Typer) -> None:
                   Opt("pretrain.auto_augment", ("--auto-augment",), "timm RandAugment spec or 'none'.", OBJ),
                   Opt("pretrain.reprob", ("--reprob",), "Random erasing probability.", OBJ, float),
                   Opt("pretrain.num_classes", ("--num-classes",), "Classes (default: from the data).", OBJ, int))
-    def supervised(overrides: dict, out, recipe, resume, set_, print_config, model_kwargs) -> None:
+    def supervised(overrides: dict, out, recipe, resume, set_, print_config, model_kwargs,
+            allow_config_change) -> None:
         """Supervised (DeiT-style): cross-entropy, label smoothing, RandAugment, Mixup/CutMix.
 
         Exports the encoder without its head (a feature teacher; hd finetune adds a fresh head).
         """
-        _run("supervised", overrides, out, recipe, resume, set_, print_config, model_kwargs)
+        _run("supervised", overrides, out, recipe, resume, set_, print_config, model_kwargs, allow_config_change)

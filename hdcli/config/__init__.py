@@ -12,6 +12,7 @@ from hdcli.config.loading import (
     coerce,
     dump_config,
     from_dict,
+    identity_changes,
     load_config,
     merge,
     parse_assignments,
@@ -56,6 +57,6 @@ __all__ = [
     "MIXUP_MODES", "MODES", "RELATION_HEADS", "SUPERVISED_DEFAULTS", "TARGET_KEYS", "TARGET_KINDS", "DataConfig",
     "DistillConfig", "FinetuneConfig", "FinetuneSection", "MethodConfig", "OptimConfig", "PretrainConfig",
     "PretrainSection", "StudentConfig", "TrainConfig", "_choice", "apply_overrides", "coerce", "dump_config",
-    "from_dict", "load_config", "load_finetune", "load_pretrain", "merge", "parse_assignments", "read_toml",
+    "from_dict", "identity_changes", "load_config", "load_finetune", "load_pretrain", "merge", "parse_assignments", "read_toml",
     "save_config", "sections", "to_dict", "toml_value", "valid_keys", "validate",
 ]

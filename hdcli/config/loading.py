@@ -76,6 +76,8 @@ def coerce(value, tp, key: str):
         raise bad("an integer")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML and the CLI accept nan/inf; no setting means them
+                raise bad("a finite number")
             return float(value)
         raise bad("a number")
     if tp is str:
@@ -267,3 +269,19 @@ def dump_config(cfg, header: str = "") -> str:
 def save_config(cfg, path: str | os.PathLike, header: str = "resolved configuration of this run (hd writes it)") -> Path:
     """Write the resolved config atomically (temp file + rename)."""
     return atomic_write(path, dump_config(cfg, header))
+
+
+def identity_changes(cfg, old: dict) -> dict[str, tuple[str, str]]:
+    """The settings that define ``cfg``'s method and model (its class's ``IDENTITY``: sections or dotted keys)
+    that differ from ``old`` (a parsed config.toml of the same run): key -> (old, new) as TOML values."""
+    new = to_dict(cfg)
+    changed = {}
+    for item in getattr(type(cfg), "IDENTITY", ()):
+        section, _, key = item.partition(".")
+        keys = [key] if key else list(new.get(section, {}))
+        for k in keys:
+            before = toml_value(old.get(section, {}).get(k))
+            after = toml_value(new.get(section, {}).get(k))
+            if before != after:
+                changed[f"{section}.{k}"] = (before, after)
+    return changed

@@ -189,6 +189,9 @@ class DistillConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: MethodConfig = field(default_factory=MethodConfig)
 
+    # what defines the method and the model: a resume may not change it (``--allow-config-change``)
+    IDENTITY = ("student", "distill", "data.img_size")
+
 
 # ---------------------------------------------------------------- hd finetune
 
@@ -269,6 +272,9 @@ class FinetuneConfig:
         blr=5e-4, betas=(0.9, 0.999), min_lr=1e-6, warmup_epochs=5.0, clip_grad=None))
     data: DataConfig = field(default_factory=lambda: DataConfig(scale=(0.08, 1.0)))  # timm/MAE crop scale
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+    IDENTITY = ("finetune.dataset", "finetune.student", "finetune.num_classes", "finetune.linear_probe",
+                "finetune.global_pool", "data.img_size")
 
     def validate(self) -> None:
         fc = self.finetune
@@ -362,6 +368,9 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=lambda: StudentConfig(drop_path=0.0))
     pretrain: PretrainSection = field(default_factory=PretrainSection)
+
+    IDENTITY = ("student", "pretrain.mode", "pretrain.mask_ratio", "pretrain.decoder_dim", "pretrain.decoder_depth",
+                "pretrain.decoder_heads", "pretrain.norm_pix_loss", "pretrain.num_classes", "data.img_size")
 
     def validate(self) -> None:
         p = self.pretrain

@@ -397,7 +397,7 @@ def read_results(run_dir: str | os.PathLike) -> dict | None:
 
 
 def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, *, resume: str | None = None,
-             resume_hint: str | None = None) -> dict:
+             resume_hint: str | None = None, allow_config_change: bool = False) -> dict:
     """Fine-tune (or linear-probe) ``cfg.finetune.student`` into ``run_dir`` with the engine; return the
     engine's summary with ``results`` (the contents of results.json) added."""
     from hdcli.train import engine
@@ -406,6 +406,7 @@ def finetune(cfg: FinetuneConfig, run_dir: str | os.PathLike, *, resume: str | N
     check_split(data_source(cfg.finetune.dataset, cfg.data.source), "train")
     check_split(*eval_source(cfg))
     check_student(cfg.finetune.student)
-    result = engine.train(lambda: FinetuneTask(cfg, run_dir), cfg, run_dir, resume=resume, resume_hint=resume_hint)
+    result = engine.train(lambda: FinetuneTask(cfg, run_dir), cfg, run_dir, resume=resume, resume_hint=resume_hint,
+                          allow_config_change=allow_config_change)
     result["results"] = read_results(run_dir)
     return result

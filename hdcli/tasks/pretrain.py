@@ -232,9 +232,10 @@ def make_task(cfg: PretrainConfig) -> Task:
 
 
 def pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike, *, resume: str | None = None,
-             resume_hint: str | None = None) -> dict:
+             resume_hint: str | None = None, allow_config_change: bool = False) -> dict:
     """Train ``cfg`` with the engine into ``run_dir``; returns the engine's summary (``student``: the export)."""
     from hdcli.train import engine
 
     data.parse_source(cfg.data.source)  # a wrong path fails before any run dir exists
-    return engine.train(lambda: make_task(cfg), cfg, run_dir, resume=resume, resume_hint=resume_hint)
+    return engine.train(lambda: make_task(cfg), cfg, run_dir, resume=resume, resume_hint=resume_hint,
+                          allow_config_change=allow_config_change)

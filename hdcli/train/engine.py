@@ -39,7 +39,7 @@ from torch import nn
 from hdcli import ui
 from hdcli.config import save_config
 from hdcli.errors import HDError
-from hdcli.rundir import CHECKPOINTS, CONFIG, TENSORBOARD
+from hdcli.rundir import CHECKPOINTS, CONFIG, CONFIG_HISTORY, TENSORBOARD, RunLock, atomic_write
 from hdcli.seeding import mix_seed, seed_all
 from hdcli.train import checkpoints as ck
 from hdcli.train.log import Log, fmt_time, say
@@ -52,7 +52,7 @@ __all__ = ["Task", "train", "to_device", "make_accelerator", "resolve_mixed_prec
 # ---------------------------------------------------------------- the loop
 
 def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, resume: str | None = None,
-          resume_hint: str | None = None) -> dict:
+          resume_hint: str | None = None, allow_config_change: bool = False) -> dict:
     """Train ``make_task()`` with ``cfg.train``/``cfg.optim`` into ``run_dir``; return a summary dict.
 
     ``make_task`` is called first, right after seeding (every rank builds the same initial weights;
@@ -60,21 +60,28 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
     ``resume``: None (refuse a run dir that already holds checkpoints), ``"auto"`` (newest complete
     checkpoint of ``run_dir``, or a fresh start) or a checkpoint/run path.
     ``resume_hint``: the command that resumes this run, printed after SIGTERM/SIGINT.
+    A resume that changes what defines the method or the model (the config class's ``IDENTITY``) is
+    refused unless ``allow_config_change``; then the previous segment's config is kept in
+    ``<run>/config-history/`` and the change is recorded in metrics.jsonl.
     """
+    locks: list[RunLock] = []
     try:
         run_dir = Path(run_dir).resolve()
         ckpt = ck.find_checkpoint(resume, run_dir)
         if resume is None and ck.list_checkpoints(run_dir):
             raise HDError(f"{run_dir} already holds checkpoints of a run",
                           "add --resume auto to continue it, or choose another --out")
-        r = _setup(make_task, cfg, run_dir)
+        changes = _config_changes(cfg, run_dir, allow_config_change) if ckpt is not None else {}
+        r = _setup(make_task, cfg, run_dir, locks)
         start = _restore(r, ckpt) if ckpt is not None else 0
         if ckpt is None and resume == "auto" and r.main:
             say(f"no checkpoint in {escape(str(run_dir / CHECKPOINTS))}: starting from scratch")
-        _open_run_dir(r, start)
+        _open_run_dir(r, start, changes)
         stopped, last_saved, log = _loop(r, start, resumed=ckpt is not None)
         return _finish(r, stopped, last_saved, log, resume_hint)
     finally:
+        for lock in locks:
+            lock.release()
         _reset_accelerate()
 
 
@@ -199,6 +206,7 @@ def _finish(r: _Run, stopped: int | None, last_saved: int | None, log: Log, resu
     else:
         if last_saved != r.n_steps:  # the loop saves its last step; this only covers an empty loop
             _save(r, r.n_steps)
+        _check_finite(r)
         result["student"] = str(ck.export(r.task, r.accelerator, r.accelerator.unwrap_model(r.wrapped), r.run_dir))
         if r.main:
             loss_txt = f"; loss {log.first_loss:.4f} → {log.last_loss:.4f}" if log.first_loss is not None else ""
@@ -207,6 +215,15 @@ def _finish(r: _Run, stopped: int | None, last_saved: int | None, log: Log, resu
     if r.cfg.train.tensorboard:
         r.accelerator.end_training()
     return result
+
+
+def _check_finite(r: _Run) -> None:
+    """HDError before the export when a trained weight holds NaN or inf: such a model is never written."""
+    bad = [n for n, p in r.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise HDError(f"the final weights are not finite ({len(bad)} tensor(s), e.g. {bad[0]}): "
+                      f"{r.task.export_dir}/ was not written", "lower the learning rate, use bf16 rather than fp16, "
+                      "or resume from an earlier checkpoint with --resume PATH")
 
 
 # ---------------------------------------------------------------- set-up
@@ -252,14 +269,18 @@ class _Run:
         return self.accelerator.device
 
 
-def _setup(make_task: Callable[[], Task], cfg, run_dir: Path) -> _Run:
+def _setup(make_task: Callable[[], Task], cfg, run_dir: Path, locks: list[RunLock]) -> _Run:
     tc, oc = cfg.train, cfg.optim
     seed_all(tc.seed)  # identical initial weights on every rank
     task = make_task()  # before any distributed set-up: a bad name or path fails fast
     try:
         run_dir.mkdir(parents=True, exist_ok=True)  # after it: a typo leaves no empty run dir behind
+        if ui.is_main_process():  # one lock per launch: its other ranks are the same run
+            locks.append(RunLock(run_dir, "hd").acquire())
     except OSError as e:
         raise ck.unwritable(run_dir, e) from None
+    if locks and locks[0].took_over:
+        ui.warn(f"took over the lock of a run that no longer runs ({escape(locks[0].took_over)})")
     accelerator = make_accelerator(tc, run_dir, find_unused_parameters=task.find_unused_parameters)
     device, world = accelerator.device, accelerator.num_processes
     if device.type == "cuda":
@@ -340,13 +361,36 @@ def _restore(r: _Run, ckpt: Path) -> int:
     return start
 
 
-def _open_run_dir(r: _Run, start: int) -> None:
-    """The main process writes config.toml, trims metrics.jsonl to ``start``, clears interrupted saves and
-    checks free space; then every rank waits for it."""
+def _config_changes(cfg, run_dir: Path, allowed: bool) -> dict[str, tuple[str, str]]:
+    """What a resume changes of the settings that define the method and the model; HDError unless allowed."""
+    from hdcli.config import identity_changes, read_toml
+
+    if not (run_dir / CONFIG).is_file():
+        return {}
+    changes = identity_changes(cfg, read_toml(run_dir / CONFIG))
+    if changes and not allowed:
+        listed = "; ".join(f"{k}: {a} -> {b}" for k, a, b in ((k, *v) for k, v in changes.items()))
+        raise HDError(f"resuming {run_dir} would change what it trains ({listed})",
+                      "resume without those settings (the run's config.toml is the base), start a new --out, or "
+                      "pass --allow-config-change to train a new segment (its config is recorded)")
+    return changes
+
+
+def _open_run_dir(r: _Run, start: int, changes: dict[str, tuple[str, str]]) -> None:
+    """The main process writes config.toml (keeping the previous segment's when ``changes``), trims
+    metrics.jsonl to ``start``, clears interrupted saves and checks free space; then every rank waits."""
     if r.main:
         try:
+            if changes:
+                kept = r.run_dir / CONFIG_HISTORY / f"until_{ck.checkpoint_name(start)}.toml"
+                atomic_write(kept, (r.run_dir / CONFIG).read_text())
             save_config(r.cfg, r.run_dir / CONFIG)
             ck.trim_metrics(r.run_dir, start)
+            if changes:
+                ck.append_metrics(r.run_dir, {"step": start, "config_change": {k: list(v) for k, v in changes.items()},
+                                              "previous_config": str(kept.relative_to(r.run_dir))})
+                ui.warn(f"config changed at step {start} ({', '.join(changes)}); the previous one is kept in "
+                        f"{escape(str(kept))}")
             (r.run_dir / CHECKPOINTS).mkdir(exist_ok=True)
         except OSError as e:
             raise ck.unwritable(r.run_dir, e) from None
