@@ -10,6 +10,8 @@ import math
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from conftest import REPO
 from PIL import Image
 
 from hdcli import data
@@ -459,3 +462,33 @@ def test_cli_errors_are_one_line_naming_the_path(hd, tmp_path):
 
 def test_default_num_workers_leaves_a_core_for_the_main_process():
     assert 0 <= data.default_num_workers() <= max(0, (os.cpu_count() or 1) - 1)
+
+
+def _png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def test_folder_records_match_timms_reader_on_a_plain_tree(tmp_path):
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+
+    for i, name in enumerate(["b/img10.png", "b/img2.png", "a/x/1.png", "a/0.PNG", "c10/0.png", "c2/0.png"]):
+        _png(tmp_path / name, i)
+    ours = data.FolderRecords(str(tmp_path))
+    theirs, class_to_idx = find_images_and_targets(str(tmp_path), types={".png", ".PNG"})
+    assert ours.files == [f for f, _ in theirs] and ours.labels == [t for _, t in theirs]
+    assert ours.classes == sorted(class_to_idx, key=class_to_idx.get)
+
+
+def test_a_link_loop_in_an_image_folder_is_followed_once_with_a_warning(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(40):
+        _png(root / ("a" if i % 2 else "b") / f"{i}.png", i)
+    (root / "a" / "self").symlink_to(root)  # ln -s .. a/self: a loop (timm's reader never ends)
+    (root / "twice").symlink_to(root / "b")  # a second way into b: read once
+    r = subprocess.run([sys.executable, "-m", "hdcli", "data", "info", str(root), "--json"], capture_output=True,
+                       text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["splits"]["train"]["samples"] == 40 and info["classes"] == ["a", "b"]
+    assert "links are followed once" in r.stderr and "a/self" in r.stderr

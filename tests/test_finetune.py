@@ -322,3 +322,35 @@ def test_linear_probe_leaves_the_backbone_bitwise_unchanged(cifar, student, tmp_
     # the exported (BatchNorm folded) model is a plain timm ViT that reloads with its classifier
     model = timm.create_model(f"local-dir:{tmp_path / 'run' / 'student'}", pretrained=True).eval()
     assert model.head.out_features == 100 and model.pretrained_cfg["mean"] == pytest.approx(data.IMAGENET_MEAN)
+
+
+def test_a_config_claiming_fewer_blocks_than_the_weights_hold_is_refused(tmp_path):
+    """config.json says depth 2, model.safetensors holds 4 blocks: fine-tuning must not drop blocks 2 and 3."""
+    from timm.models import save_for_hf
+
+    big, small = tmp_path / "big", tmp_path / "student"
+    save_for_hf(tiny_vit(seed=3, depth=4), str(big), safe_serialization=True)
+    save_for_hf(tiny_vit(seed=3, depth=2), str(small), safe_serialization=True)
+    (small / "model.safetensors").write_bytes((big / "model.safetensors").read_bytes())
+    with pytest.raises(HDError, match=r"does not fit its own config.json: unexpected blocks\.2\."):
+        ft.build_model(ft.load_config(overrides={"finetune.dataset": "demo", "finetune.student": str(small),
+                                                 "data.img_size": 32}), 10)
+    from hdcli import teachers
+
+    with pytest.raises(HDError, match=r"does not fit its own config.json: unexpected blocks\.2\."):
+        teachers.load_student(str(small))  # analyze and export load through the same check
+
+
+def test_linear_probing_follows_a_student_that_pools_by_averaging(tmp_path):
+    """global_pool="avg": norm is Identity and fc_norm is the final norm; token pooling would miss norm.*"""
+    from timm.models import save_for_hf
+
+    student = tiny_vit(seed=5, global_pool="avg")
+    save_for_hf(student, str(tmp_path / "student"), safe_serialization=True)
+    cfg = ft.load_config(overrides={"finetune.dataset": "demo", "finetune.student": str(tmp_path / "student"),
+                                    "data.img_size": 32, "finetune.linear_probe": True})
+    model = ft.build_model(cfg, 10)
+    torch.testing.assert_close(model.fc_norm.weight, student.fc_norm.weight)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
+                               student.forward_head(student.forward_features(x), pre_logits=True))

@@ -92,10 +92,40 @@ def parse_source(source: str | os.PathLike | None) -> Source:
 
 def _has_image(root: Path) -> bool:
     """Whether any image file lies under ``root`` (stops at the first one)."""
-    for _, _, files in os.walk(root, followlinks=True):
-        if any(f.lower().endswith(IMAGE_EXTS) for f in files):
-            return True
-    return False
+    return any(files for _, files in walk_images(root, warn=False))
+
+
+def walk_images(root: str | os.PathLike, *, warn: bool = True):
+    """(folder, image file names) for every folder under ``root``, links followed once.
+
+    ``os.walk(followlinks=True)`` (timm's folder reader) never ends on a link loop (``ln -s . a/self``) and
+    reads a folder reached by two links twice; here each physical folder is read once, and a link to a
+    folder already read is skipped with a warning.
+    """
+    def key(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:  # a broken link
+            return None
+        return st.st_dev, st.st_ino
+
+    root = os.fspath(root)
+    seen = {key(root)}
+    for folder, dirs, files in os.walk(root, topdown=True, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            k = key(os.path.join(folder, d))
+            if k is None:
+                continue
+            if k in seen:
+                if warn:
+                    ui.warn(f"skipping {os.path.join(folder, d)}: a link to a folder already read (a loop or a "
+                            "second way in); links are followed once")
+                continue
+            seen.add(k)
+            keep.append(d)
+        dirs[:] = keep
+        yield folder, [f for f in files if f.lower().endswith(IMAGE_EXTS)]
 
 
 
@@ -154,14 +184,18 @@ class ArrayRecords(Records):
 
 
 class FolderRecords(Records):
-    """ROOT/CLASS/IMG files, found with timm's folder reader (natural sort, leaf folder = class)."""
+    """ROOT/CLASS/IMG files as timm's folder reader finds them (natural sort, leaf folder = class), links
+    followed once (:func:`walk_images`)."""
 
     def __init__(self, root: str, classes: list[str] | None = None):
-        from timm.data.readers.reader_image_folder import find_images_and_targets
+        from timm.utils.misc import natural_key
 
-        class_to_idx = {c: i for i, c in enumerate(classes)} if classes else None
-        samples, class_to_idx = find_images_and_targets(root, types=set(IMAGE_EXTS) | {
-            e.upper() for e in IMAGE_EXTS}, class_to_idx=class_to_idx)
+        found = [(os.path.join(folder, f), os.path.basename(os.path.relpath(folder, root)) if folder != root else "")
+                 for folder, files in walk_images(root) for f in files]  # timm's rule: the leaf folder is the class
+        class_to_idx = ({c: i for i, c in enumerate(classes)} if classes else
+                        {c: i for i, c in enumerate(sorted({label for _, label in found}, key=natural_key))})
+        samples = sorted(((f, class_to_idx[label]) for f, label in found if label in class_to_idx),
+                         key=lambda s: natural_key(s[0]))
         if not samples:
             raise HDError(f"no images found in {root}",
                           "expected ROOT/CLASS/IMG.jpg or ROOT/{train,val}/CLASS/IMG.jpg (jpg, png, webp, ...)")

@@ -149,13 +149,14 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     fc = cfg.finetune
     d = student_dir(fc.student)
     name = f"local-dir:{d.resolve()}" if d is not None else fc.student
+    pool = _pooling(fc, d)
     # timm loads non-strictly when the class count changes and logs the final norm that avg pooling
-    # leaves unused as "unexpected"; _check_coverage below does the real check
+    # leaves unused as "unexpected"; teachers.check_coverage below does the real check
     builder_log = logging.getLogger("timm.models._builder")
     level = builder_log.level
     builder_log.setLevel(logging.ERROR)
     try:
-        model = teachers.create(name, pretrained=True, num_classes=num_classes, global_pool=fc.global_pool,
+        model = teachers.create(name, pretrained=True, num_classes=num_classes, global_pool=pool,
                                 drop_path_rate=fc.drop_path, img_size=cfg.data.img_size)
     finally:
         builder_log.setLevel(level)
@@ -167,8 +168,9 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
         raise HDError(f"--img-size {cfg.data.img_size} is not a multiple of the student's patch size {patch[0]}",
                       f"e.g. --img-size {max(1, round(cfg.data.img_size / patch[0])) * patch[0]}")
     weights = _student_weights(fc.student)
-    if weights is not None:
-        _check_coverage(model, weights)
+    if weights is not None:  # MAE: a new classifier (and a new fc_norm for average pooling, the old norm unused)
+        teachers.check_coverage(model, weights, fresh=("head.", "fc_norm."),
+                                dropped=("head.", "norm.") if pool == "avg" else ("head.",), who="the student")
     mode = "linear_probe" if fc.linear_probe else "finetune"
     head = model.head
     trunc_normal_(head.weight, std=HEAD_INIT_STD[mode])
@@ -180,18 +182,16 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def _check_coverage(model: nn.Module, weights: Path) -> None:
-    """timm loads non-strictly when the class count changes: make sure the whole backbone was loaded."""
-    from safetensors import safe_open
-
-    with safe_open(str(weights), "pt") as f:
-        have = set(f.keys())
-    fresh = ("head.", "fc_norm.")  # MAE: a new classifier, and a new fc_norm for global average pooling
-    missing = sorted(k for k in model.state_dict() if k not in have and not k.startswith(fresh))
-    if missing:
-        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise HDError(f"the student in {weights.parent} does not fit its own config: missing {', '.join(missing[:5])}"
-                      f"{more}", "is it a timm save_for_hf dir of a ViT (hd distill's student/)?")
+def _pooling(fc, d: Path | None) -> str:
+    """``finetune.global_pool``, except that linear probing follows a student that pools by averaging: its
+    final norm is ``fc_norm`` (``norm`` is Identity), which token pooling would lack."""
+    if d is None or not fc.linear_probe or fc.global_pool != "token":
+        return fc.global_pool
+    own = (read_json(d / "config.json") or {}).get("global_pool")
+    if own == "avg":
+        ui.info("the student pools by averaging (its final norm is fc_norm): linear probing does too")
+        return "avg"
+    return fc.global_pool
 
 
 def backbone_modules(model: nn.Module) -> list[nn.Module]:

@@ -20,6 +20,8 @@ from hdcli.teachers.hub import (
     write_manifest,
 )
 from hdcli.teachers.load import (
+    check_coverage,
+    check_dir,
     create,
     describe,
     encoder_state_dict,
@@ -45,7 +47,7 @@ from hdcli.teachers.registry import (
 
 __all__ = [
     "HF_HUB", "LOCAL_DIR", "MANIFEST", "REGISTRY", "ROLES", "WEIGHT_FILES", "_REGISTRY_HUB_IDS", "TeacherSpec",
-    "cached_weights", "create", "default_cache_dir", "describe", "encoder_state_dict", "fetch", "hub_source",
+    "cached_weights", "check_coverage", "check_dir", "create", "default_cache_dir", "describe", "encoder_state_dict", "fetch", "hub_source",
     "import_checkpoint", "load", "load_student", "names", "probe_hub", "read_checkpoint", "resolve", "student_dir",
     "write_cache_entry", "write_manifest",
 ]

@@ -107,6 +107,8 @@ def load(name: str | TeacherSpec, *, cache_dir: str | os.PathLike | None = None,
     ``model.pretrained_cfg["mean"/"std"]``.
     """
     spec = resolve(name)
+    if spec.tag.startswith(LOCAL_DIR):  # the classifier is dropped (num_classes=0)
+        check_dir(spec.tag.removeprefix(LOCAL_DIR), dropped=("head.",), who=f"teacher '{spec.name}'", num_classes=0)
     model = _build(spec, cache_dir=cache_dir, offline=offline, num_classes=0,
                    img_size=img_size, patch_size=patch_size, **timm_kwargs)
     model.requires_grad_(False)
@@ -316,6 +318,7 @@ def load_student(student: str, *, cache_dir: str | None = None) -> nn.Module:
     d = student_dir(student)
     if d is None:
         return load(student, cache_dir=cache_dir)
+    check_dir(d, who="the student")
     try:
         model = timm.create_model(f"local-dir:{d.resolve()}", pretrained=True)
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:
@@ -324,3 +327,45 @@ def load_student(student: str, *, cache_dir: str | None = None) -> nn.Module:
     return model.eval()
 
 
+def check_coverage(model: nn.Module, weights: str | os.PathLike, *, fresh: tuple[str, ...] = (),
+                   dropped: tuple[str, ...] = (), who: str = "the model") -> None:
+    """HDError unless ``weights`` (a safetensors file) and ``model`` hold the same tensors: every tensor of the
+    model but the ``fresh`` prefixes (new layers) comes from the file, and every tensor of the file but the
+    ``dropped`` prefixes (a replaced classifier, a final norm the pooling leaves unused) goes into the model.
+
+    timm loads non-strictly when the class count changes, so a ``config.json`` that claims fewer blocks than
+    the file holds would otherwise drop the rest silently."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            have = set(f.keys())
+    except Exception as e:  # SafetensorError: cut or not a safetensors file
+        raise HDError(f"cannot read {weights}: {str(e).splitlines()[0][:200]}",
+                      "the file is truncated or corrupt: copy or write it again") from None
+    own = set(model.state_dict())
+    missing = sorted(k for k in own - have if not k.startswith(fresh))
+    unexpected = sorted(k for k in have - own if not k.startswith(dropped))
+    if missing or unexpected:
+        parts = [f"{what} {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise HDError(f"{who} in {Path(weights).parent} does not fit its own config.json: {'; '.join(parts)}",
+                      "config.json and model.safetensors must come from the same save (hd writes both)")
+
+
+def check_dir(d: str | os.PathLike, *, fresh: tuple[str, ...] = (), dropped: tuple[str, ...] = (),
+              who: str = "the model", **timm_kwargs) -> None:
+    """:func:`check_coverage` of a ``save_for_hf`` dir before its weights are loaded: the model its
+    config.json (+ ``timm_kwargs``) builds, made on the meta device (no memory, no init), against its file."""
+    import timm
+    import torch
+
+    d = Path(d)
+    if not (d / WEIGHT_FILES[0]).is_file():
+        return  # pytorch_model.bin: timm's strict load is the check
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(f"local-dir:{d.resolve()}", pretrained=False, **timm_kwargs)
+    except Exception:
+        return  # a config timm cannot build: its own error comes with the real load
+    check_coverage(model, d / WEIGHT_FILES[0], fresh=fresh, dropped=dropped, who=who)
