@@ -59,6 +59,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     return Path(path)
 
 
+def reason(e: BaseException) -> str:
+    """One line saying why a write failed: OSError's text, or the first line of a library's error (a full
+    disk reaches safetensors as SafetensorError and torch.save as RuntimeError, not as OSError)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text[:300]
+
+
 def write_json(path: str | os.PathLike, obj, *, indent: int = 1) -> Path:
     """``obj`` as indented JSON (one trailing newline), written atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent) + "\n")

@@ -57,3 +57,79 @@ def test_one_run_per_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
     third = hd(*TINY, "--steps", "2", "--out", str(out), "--resume", "auto")  # no checkpoint yet: a fresh start
     assert third.returncode == 0, third.stderr
     assert f"took over the lock of a run that no longer runs (pid {first.pid} on " in third.stderr
+
+
+# ---------------------------------------------------------------- clear errors instead of tracebacks
+
+def hd_main(*args: str) -> int:
+    from hdcli.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def one_error(capfd) -> str:
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err[-2000:]
+    (line,) = error_lines(err)
+    return line
+
+
+def test_a_truncated_config_json_is_one_line(tmp_path, capfd):
+    from conftest import tiny_vit
+    from timm.models import save_for_hf
+
+    save_for_hf(tiny_vit(), str(tmp_path / "t"), safe_serialization=True)
+    text = (tmp_path / "t" / "config.json").read_text()
+    (tmp_path / "t" / "config.json").write_text(text[: len(text) // 2])
+    assert hd_main(*TINY, "--teachers", f"local-dir:{tmp_path / 't'},random:vit_base_patch16_224",
+                   "--out", str(tmp_path / "run")) == 2
+    assert f"{tmp_path / 't' / 'config.json'} is not valid JSON" in one_error(capfd)
+    assert hd_main("export", str(tmp_path / "t"), "--format", "timm", "--out", str(tmp_path / "e")) == 2
+    assert "is not valid JSON" in one_error(capfd)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_non_vit_architecture_is_one_line(tmp_path, capfd):
+    assert hd_main(*TINY, "--student", "resnet18", "--out", str(tmp_path / "run")) == 2
+    assert "resnet18 is not a Vision Transformer" in one_error(capfd)
+    import timm
+    from timm.models import save_for_hf
+
+    save_for_hf(timm.create_model("resnet18", num_classes=0), str(tmp_path / "r"), safe_serialization=True)
+    assert hd_main("finetune", "demo", "--student", str(tmp_path / "r"), "--img-size", "32",
+                   "--out", str(tmp_path / "ft")) == 2  # a resnet config.json: timm's ResNet takes no img_size
+    assert "is not a Vision Transformer (timm's model takes no img_size)" in one_error(capfd)
+
+
+def test_an_image_size_below_the_patch_size_is_one_line(tmp_path, capfd):
+    assert hd_main(*TINY, "--img-size", "2", "--out", str(tmp_path / "run")) == 2
+    assert "--img-size 2 is not a positive multiple of the student's patch size 4" in one_error(capfd)
+
+
+def test_a_student_that_drops_patches_itself_is_refused(tmp_path, capfd):
+    assert hd_main(*TINY, "--set", "student.kwargs={embed_dim = 48, depth = 6, num_heads = 3, patch_drop_rate = 0.25}",
+                   "--out", str(tmp_path / "run")) == 2
+    assert "drops 25% of its patches at random (patch_drop_rate=0.25)" in one_error(capfd)
+
+
+def test_a_failed_export_on_a_full_disk_is_one_line_and_leaves_no_temp(tmp_path, capfd):
+    import resource
+
+    from conftest import tiny_vit
+    from timm.models import save_for_hf
+
+    save_for_hf(tiny_vit(), str(tmp_path / "s"), safe_serialization=True)
+    for fmt, out in (("timm", tmp_path / "t"), ("detectron2", tmp_path / "d2" / "m.pth")):
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))  # writes past 100 kB fail as on a full disk
+        try:
+            code = hd_main("export", str(tmp_path / "s"), "--format", fmt, "--out", str(out), "--force")
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert code == 2
+        assert f"could not write {out}: " in one_error(capfd)
+        assert not out.exists() and sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []

@@ -340,7 +340,7 @@ def test_a_failed_export_is_an_error_and_keeps_the_checkpoints(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert [p.name for p in checkpoints.list_checkpoints(run)] == ["step_0000002"]
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.toml", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.toml", "metrics.jsonl"]
 
 
 def test_an_unwritable_run_dir_is_a_one_line_error(tmp_path, capfd):

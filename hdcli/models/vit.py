@@ -34,6 +34,20 @@ def check_vit(model: nn.Module, who: str) -> None:
             raise HDError(f"{who} block {i} ({type(blk).__name__}) has no fused qkv attention", hint)
 
 
+def check_student(model: nn.Module, img_size: int, who: str = "the student") -> None:
+    """HDError unless ``img_size`` is a positive multiple of the model's patch size and the model drops no
+    patches itself (timm's ``patch_drop_rate``: the method chooses the kept tokens)."""
+    p = patch_size(model)[0]
+    if img_size < p or img_size % p:
+        raise HDError(f"--img-size {img_size} is not a positive multiple of {who}'s patch size {p}",
+                      f"e.g. --img-size {p * max(1, round(img_size / p))}, or a smaller --patch-size")
+    prob = getattr(getattr(model, "patch_drop", None), "prob", 0.0)
+    if prob:
+        raise HDError(f"{who} drops {prob:.0%} of its patches at random (patch_drop_rate={prob:g})",
+                      "Hybrid Distill chooses the kept tokens itself: leave patch_drop_rate at 0 (drop_ratio sets "
+                      "how many it keeps)")
+
+
 def depth(model: nn.Module) -> int:
     return len(model.blocks)
 

@@ -39,9 +39,14 @@ def check_teacher_names(names: list[str]) -> None:
 
 
 def build_student(cfg: DistillConfig) -> nn.Module:
+    from hdcli.models import vit
+
     s = cfg.student
-    return teachers.create(s.arch, pretrained=False, num_classes=0, img_size=cfg.data.img_size,
-                           patch_size=s.patch_size, drop_path_rate=s.drop_path, **s.kwargs)
+    model = teachers.create(s.arch, pretrained=False, num_classes=0, img_size=cfg.data.img_size,
+                            patch_size=s.patch_size, drop_path_rate=s.drop_path, **s.kwargs)
+    vit.check_vit(model, "the student")
+    vit.check_student(model, cfg.data.img_size)
+    return model
 
 
 def build_teacher(name: str, cfg: DistillConfig, index: int) -> nn.Module:

@@ -3,6 +3,7 @@ files into the cache; ``hd fetch-teachers``."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -35,6 +36,8 @@ def _build(spec: TeacherSpec, *, cache_dir, offline: bool | None, **kwargs) -> n
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     cache = _cache_dir(cache_dir)
     tag, overlay = spec.tag, None
+    if tag.startswith(LOCAL_DIR):
+        read_model_config(tag.removeprefix(LOCAL_DIR))
     if not tag.startswith(LOCAL_DIR):
         weights = cached_weights(spec, cache)
         if weights is not None and tag.startswith(HF_HUB):
@@ -72,6 +75,13 @@ def _create_model(tag: str, **kwargs) -> nn.Module:
 
     try:
         return timm.create_model(tag, **kwargs)
+    except TypeError as e:  # e.g. a ResNet: its constructor takes no img_size / patch_size
+        if "unexpected keyword argument" not in str(e):
+            raise
+        arg = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
+        raise HDError(f"{tag} is not a Vision Transformer (timm's model takes no {arg})",
+                      "hd distils, fine-tunes and analyses timm ViTs: vit_*, deit_*, *_clip_* tags, or a "
+                      "save_for_hf dir of one") from None
     except ValueError as e:
         if "source prefix" in str(e) or "model source" in str(e):
             raise HDError(str(e).splitlines()[0], "prefix a directory with local-dir:") from e
@@ -285,6 +295,21 @@ def fetch(teachers: Iterable[str], *, cache_dir: str | os.PathLike | None = None
     return records
 
 
+def read_model_config(d: str | os.PathLike) -> dict:
+    """``d/config.json`` of a ``save_for_hf`` dir; HDError when it is cut or not timm's (before timm reads it)."""
+    path = Path(d) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HDError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
+                      "the file is truncated or was not written by timm/hd: copy or export the model again") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HDError(f"cannot read {path}: {e}", "copy or export the model again") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("architecture"), str):
+        raise HDError(f"{path} names no architecture", "a timm save_for_hf config.json has \"architecture\": \"vit_...\"")
+    return cfg
+
+
 def student_dir(student: str) -> Path | None:
     """The directory holding the student's ``config.json`` + weights, or None for a hub name/tag.
 
@@ -304,6 +329,7 @@ def student_dir(student: str) -> Path | None:
         if (cand / "config.json").is_file():
             if not any((cand / f).is_file() for f in WEIGHT_FILES):
                 raise HDError(f"{cand} has config.json but no {WEIGHT_FILES[0]}", "the export needs the weights too")
+            read_model_config(cand)
             return cand
     if (path / CHECKPOINTS).is_dir():
         raise HDError(f"the run {path} has no student/ yet", "distill writes student/ when it finishes or saves")

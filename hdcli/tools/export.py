@@ -26,6 +26,7 @@ torch and timm are imported at module top: the command imports this module insid
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from hdcli.errors import HDError
-from hdcli.rundir import replacing
+from hdcli.rundir import reason, replacing
 
 FORMATS = ("timm", "detectron2", "mmseg")
 
@@ -358,10 +359,7 @@ def export(model: nn.Module, fmt: str, out: str | Path, *, force: bool = False) 
         raise HDError(f"unknown format {fmt!r}", did_you_mean(fmt, FORMATS))
     check_out(out, fmt, force=force)
     if fmt == "timm":
-        from timm.models import save_for_hf
-
-        # --force overwrites config.json and model.safetensors in place; nothing else is deleted.
-        save_for_hf(model, str(out), safe_serialization=True)
+        _write_timm(model, out)
         sd = model.state_dict()
         return ExportResult(out, fmt, len(sd), sum(v.numel() for v in sd.values()), [], [])
     lay = layout(model, fmt)
@@ -373,10 +371,40 @@ def export(model: nn.Module, fmt: str, out: str | Path, *, force: bool = False) 
     # detectron2's DetectionCheckpointer reads {"model": state_dict}; mmseg's backbones read a flat
     # state dict (what beit2mmseg.py writes) or {"state_dict": ...}.
     payload = {"model": sd, "__author__": "hd export"} if fmt == "detectron2" else sd
-    with replacing(out) as tmp:  # a failed save (a full disk) leaves neither a partial file nor a temp one
-        torch.save(payload, tmp)
+    try:
+        with replacing(out) as tmp:  # a failed save (a full disk) leaves neither a partial file nor a temp one
+            torch.save(payload, tmp)
+    except (OSError, RuntimeError) as e:
+        raise HDError(f"could not write {out}: {reason(e)}", "check free space and permissions; nothing was "
+                      "written" + ("" if not out.exists() else f" ({out} is the previous export)")) from None
     params = sum(v.numel() for v in sd.values())
     return ExportResult(out, fmt, len(sd), params, conv.notes, config_overrides(lay, fmt))
+
+
+def _write_timm(model: nn.Module, out: Path) -> None:
+    """``save_for_hf`` into a temp dir beside ``out``, then its files moved into ``out`` one rename each
+    (``--force`` replaces config.json and model.safetensors; nothing else in ``out`` is touched). A failed
+    write (a full disk) leaves ``out`` as it was, and no empty ``out`` where there was none."""
+    import shutil
+
+    from timm.models import save_for_hf
+
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    created = not out.exists()
+    try:
+        tmp.mkdir(parents=True)
+        save_for_hf(model, str(tmp), safe_serialization=True)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    except Exception as e:  # OSError, SafetensorError (a full disk reaches safetensors as its own error)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise HDError(f"could not write {out}: {reason(e)}", "check free space and permissions; "
+                      + (f"{out} keeps the previous export" if out.exists() else "nothing was written")) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def num_params_str(n: int) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import nn
 
 from hdcli.errors import HDError
-from hdcli.rundir import CHECKPOINTS, METRICS, STATE, atomic_write, write_json
+from hdcli.rundir import CHECKPOINTS, METRICS, STATE, atomic_write, reason, write_json
 
 PREFIX = "step_"
 
@@ -100,15 +100,6 @@ def unwritable(run_dir: Path, e: OSError) -> HDError:
 def rmtree(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def reason(e: BaseException) -> str:
-    """One line saying why a write failed: OSError's text, or the first line of a library's error (a full
-    disk reaches safetensors as SafetensorError and torch.save as RuntimeError, not as OSError)."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return text[:300]
 
 
 def load_trainable(model: nn.Module, frozen_names: set[str], ckpt: Path) -> None:
