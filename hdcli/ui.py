@@ -56,6 +56,11 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def world_size() -> int:
+    """Processes of this launch (torchrun/accelerate set WORLD_SIZE), known before Accelerate starts."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def flush() -> None:
     sys.stderr.flush()
     sys.stdout.flush()

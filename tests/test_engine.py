@@ -337,3 +337,64 @@ def test_a_resume_that_changes_the_identity_is_refused_or_recorded_as_a_new_segm
     change = next(r for r in recs if "config_change" in r)
     assert change["step"] == 4 and change["config_change"] == {"optim.weight_decay": ["0.05", "0.1"]}
     assert "weight_decay = 0.1" in (tmp_path / "run" / "config.toml").read_text()
+
+
+class TermDuringExport(Toy):
+    """SIGTERM (a real signal, to this process) arrives while the final export is being written."""
+
+    def export(self, model, out_dir):
+        torch.save({k: v for k, v in model.state_dict().items()}, out_dir / "part1.pt")
+        os.kill(os.getpid(), signal.SIGTERM)
+        torch.save({k: v for k, v in model.state_dict().items()}, out_dir / "weights.pt")
+
+
+def test_sigterm_during_the_export_lets_it_finish_and_says_so(tmp_path, capfd):
+    cfg = toy_cfg(steps=4, save_every=4)
+    result = engine.train(lambda: TermDuringExport(cfg), cfg, tmp_path / "run")
+    assert result["interrupted"] == "SIGTERM" and result["steps"] == 4
+    assert sorted(p.name for p in (tmp_path / "run" / "student").iterdir()) == ["part1.pt", "weights.pt"]
+    assert not list((tmp_path / "run").glob(".tmp-*")) and not list((tmp_path / "run").glob(".old-*"))
+    assert "SIGTERM received while finishing: the run is complete" in capfd.readouterr().err
+
+
+class InterruptDuringExport(Toy):
+    def export(self, model, out_dir):
+        (out_dir / "half.pt").write_bytes(b"x")
+        raise KeyboardInterrupt  # a second Ctrl-C in the middle of writing
+
+
+def test_an_export_cut_by_a_second_ctrl_c_is_rolled_back(tmp_path):
+    cfg = toy_cfg(steps=4, save_every=4)
+    engine.train(lambda: Toy(cfg), cfg, tmp_path / "run")
+    before = weights(tmp_path / "run")
+    cfg.train.steps = 8
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(lambda: InterruptDuringExport(cfg), cfg, tmp_path / "run", resume="auto")
+    assert same(weights(tmp_path / "run"), before)  # the previous export is where it was
+    assert not list((tmp_path / "run").glob(".tmp-*")) and not list((tmp_path / "run").glob(".old-*"))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capfd):
+    cfg = toy_cfg(steps=4, save_every=2, keep_checkpoints=3)
+    engine.train(lambda: Toy(cfg), cfg, tmp_path / "run")
+    full = engine.train(lambda: Toy(toy_cfg(steps=6, save_every=2)), toy_cfg(steps=6, save_every=2), tmp_path / "ref")
+    ck4 = tmp_path / "run" / "checkpoints" / "step_0000004"
+    os.truncate(ck4 / "optimizer.bin", 1000)  # truncate -s 1000 .../optimizer.bin
+    cfg.train.steps = 6
+    engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume="auto")
+    err = capfd.readouterr().err
+    assert "checkpoint step_0000004 is damaged (optimizer.bin: " in err and "resuming from step_0000002" in err
+    assert same(weights(tmp_path / "run"), weights(tmp_path / "ref"))  # steps 3..6 trained again, exactly
+    assert full["steps"] == 6
+
+
+def test_damaged_checkpoints_are_named_when_none_is_left_or_one_is_asked_for(tmp_path):
+    cfg = toy_cfg(steps=2, save_every=2)
+    engine.train(lambda: Toy(cfg), cfg, tmp_path / "run")
+    ck2 = tmp_path / "run" / "checkpoints" / "step_0000002"
+    (ck2 / "model.safetensors").unlink()
+    cfg.train.steps = 4
+    with pytest.raises(HDError, match=r"no intact checkpoint .*step_0000002, is damaged \(model.safetensors is missing\)"):
+        engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume="auto")
+    with pytest.raises(HDError, match=r"checkpoint .*step_0000002 is damaged \(model.safetensors is missing\)"):
+        engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume=str(ck2))

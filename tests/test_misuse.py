@@ -133,3 +133,34 @@ def test_a_failed_export_on_a_full_disk_is_one_line_and_leaves_no_temp(tmp_path,
         assert code == 2
         assert f"could not write {out}: " in one_error(capfd)
         assert not out.exists() and sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_any_model(tmp_path, capfd):
+    for batch in ("100000", "2000"):  # the demo set has 1,437 training images
+        assert hd_main(*TINY, "-b", batch, "--out", str(tmp_path / "run")) == 2
+        line = one_error(capfd)
+        assert f"a batch of {batch} images is more than the 1437 images of demo (train)" in line
+        assert "at most 1437" in line
+    assert hd_main("pretrain", "mae", "-b", "5000", "--out", str(tmp_path / "mae")) == 2
+    assert "more than the 1437 images of demo" in one_error(capfd)
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_ctrl_c_in_a_row_exit_130_saying_what_is_on_disk(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "hdcli", *TINY, "--steps", "400", "--log-every", "1",
+                             "--save-every", "3", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: (out / "metrics.jsonl").is_file() and len(steps_logged(out)) >= 4, "4 logged steps", proc)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert "interrupted at once (a second Ctrl-C): this step was not saved; the newest complete checkpoint is " \
+           f"{out / 'checkpoints'}/step_" in err or "checkpoint saved in" in err, err[-2000:]

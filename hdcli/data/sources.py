@@ -460,6 +460,25 @@ def num_classes(source: str | os.PathLike | None) -> int:
 
 
 
+def num_samples(source: str | os.PathLike | None, split: str = "train") -> int:
+    """Images in ``split`` of a source (shards: from ``_info.json`` or counted from the tar headers)."""
+    from hdcli.data.shards import open_shards
+
+    src = parse_source(source)
+    return open_shards(src, split).num_samples if src.kind == "shards" else len(open_records(src, split))
+
+
+def check_batch(source: str | os.PathLike | None, batch_size: int, world_size: int = 1, split: str = "train") -> None:
+    """HDError when one global batch (``batch_size`` × ``world_size``) needs more images than the split holds:
+    an epoch would be one batch of repeated images (or the host would run out of memory building it)."""
+    n = num_samples(source, split)
+    if batch_size * world_size > n:
+        per = f"{batch_size} per process × {world_size} processes = {batch_size * world_size}" if world_size > 1 \
+            else str(batch_size)
+        raise HDError(f"a batch of {per} images is more than the {n} images of {parse_source(source).spec} ({split})",
+                      f"lower --batch-size to at most {max(1, n // world_size)}")
+
+
 def describe(source: str | os.PathLike | None) -> dict:
     """Kind, classes and per-split sample counts (and shard counts) of a source, for ``hd data info``."""
     from hdcli.data.shards import open_shards

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hdcli import data, teachers
+from hdcli import data, teachers, ui
 from hdcli.config import DistillConfig
 from hdcli.errors import HDError
 from hdcli.rundir import STUDENT
@@ -101,7 +101,8 @@ class DistillTask(Task):
     def __init__(self, cfg: DistillConfig):
         self.cfg = cfg
         dc = cfg.distill
-        data.parse_source(cfg.data.source)  # a wrong path fails before any model is built
+        data.parse_source(cfg.data.source)  # a wrong path or a too large batch fails before any model is built
+        data.check_batch(cfg.data.source, cfg.train.batch_size, ui.world_size())
         check_teacher_names(dc.teachers)
         student = build_student(cfg)
         models: dict[str, nn.Module] = {}

@@ -270,6 +270,7 @@ class FinetuneTask(Task):
         self.source = data_source(fc.dataset, cfg.data.source)
         self.eval_spec, self.eval_split = eval_source(cfg)
         check_split(self.source, "train")  # missing/corrupt data fails before any model is built
+        data.check_batch(self.source, cfg.train.batch_size, ui.world_size())
         check_split(self.eval_spec, self.eval_split)
         self.num_classes = fc.num_classes or data.num_classes(self.source)
         try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hdcli import config, data
+from hdcli import config, data, ui
 from hdcli.config import PretrainConfig
 from hdcli.errors import HDError
 from hdcli.tasks import classify
@@ -166,6 +166,7 @@ class MAETask(Task):
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
         data.parse_source(cfg.data.source)
+        data.check_batch(cfg.data.source, cfg.train.batch_size, ui.world_size())
         p = cfg.pretrain
         self.model = MaskedAutoencoder(build_encoder(cfg), mask_ratio=p.mask_ratio, decoder_dim=p.decoder_dim,
                                        decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads,
@@ -196,6 +197,7 @@ class SupervisedTask(Task):
         src = data.parse_source(d.source)
         if src.kind in ("cifar100", "fashion-mnist"):
             data.open_records(src, "train")  # missing files fail before any model is built
+        data.check_batch(d.source, cfg.train.batch_size, ui.world_size())
         self.num_classes = p.num_classes or data.num_classes(d.source)
         self.model = build_encoder(cfg, num_classes=self.num_classes)
         # per-image augmentation a function of (seed, epoch, position)

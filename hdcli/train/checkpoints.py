@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from hdcli import ui
 from hdcli.errors import HDError
 from hdcli.rundir import CHECKPOINTS, METRICS, STATE, atomic_write, reason, write_json
 
@@ -55,6 +56,62 @@ def find_checkpoint(resume: str | os.PathLike | None, run_dir: str | os.PathLike
             return found[-1]
     raise HDError(f"no complete checkpoint at {path}",
                   "give a checkpoints/step_* dir, a run dir, or --resume auto")
+
+
+def damage(ckpt: Path) -> str | None:
+    """Why checkpoint ``ckpt`` cannot be loaded (a file missing, cut or corrupt), or None when it is intact.
+
+    Reads every file once: the safetensors header and data size, and the CRC of every member of the
+    torch.save (zip) files (optimizer, RNG states), so a truncated or overwritten file is found here
+    rather than reported later as a checkpoint that "does not fit this run"."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    weights = ckpt / "model.safetensors"  # what accelerator.save_state writes
+    if not weights.is_file():
+        return "model.safetensors is missing"
+    try:
+        with safe_open(str(weights), "pt"):
+            pass  # the header parses
+        size = weights.stat().st_size
+        with open(weights, "rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(fh.read(header))
+        end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        if 8 + header + end != size:
+            return f"model.safetensors is cut ({size} bytes, its header needs {8 + header + end})"
+    except Exception as e:  # SafetensorError, ValueError
+        return f"model.safetensors: {reason(e)}"
+    for f in sorted(ckpt.iterdir()):
+        if f.suffix not in (".bin", ".pkl", ".pt"):
+            continue
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f"{f.name}: member {bad} is corrupt"
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"{f.name}: {reason(e)}"
+    return None
+
+
+def intact(ckpt: Path, run_dir: Path, *, newest: bool) -> Path:
+    """``ckpt``, or with ``newest`` (``--resume auto``) the newest intact checkpoint at or before it, each
+    damaged one skipped with a warning; HDError when none is intact."""
+    candidates = [c for c in list_checkpoints(run_dir) if c.name <= ckpt.name][::-1] if newest else [ckpt]
+    for c in candidates or [ckpt]:
+        why = damage(c)
+        if why is None:
+            return c
+        if not newest:
+            raise HDError(f"checkpoint {c} is damaged ({why})",
+                          "resume from another checkpoint, or use --resume auto to take the newest intact one")
+        older = next((o for o in candidates if o.name < c.name), None)
+        if older is not None:
+            ui.warn(f"checkpoint {c.name} is damaged ({why}); resuming from {older.name}")
+    raise HDError(f"no intact checkpoint in {run_dir / CHECKPOINTS}: the newest, {candidates[0].name}, is damaged "
+                  f"({damage(candidates[0])})", "start a new --out, or delete the damaged checkpoints to start afresh")
 
 
 def read_state(ckpt: Path) -> dict:
@@ -172,11 +229,13 @@ def export(task, accelerator, model: nn.Module, run_dir: Path) -> Path:
                 rmtree(old)
                 os.replace(final, old)
             os.replace(tmp, final)
-        except HDError:
+        except BaseException as e:  # rolled back: the previous export (if any) is where it was, no temp dir
             rmtree(tmp)
-            raise
-        except Exception as e:  # OSError, SafetensorError, RuntimeError (a full disk): an error, never skipped
-            rmtree(tmp)
+            if old.exists() and not final.exists():
+                os.replace(old, final)
+            if isinstance(e, HDError | KeyboardInterrupt) or not isinstance(e, Exception):
+                raise
+            # OSError, SafetensorError, RuntimeError (a full disk): an error, never skipped
             raise HDError(f"could not write {final}: {reason(e)}",
                           "check free space and permissions; the checkpoints are intact") from None
         rmtree(old)

@@ -68,6 +68,8 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
     try:
         run_dir = Path(run_dir).resolve()
         ckpt = ck.find_checkpoint(resume, run_dir)
+        if ckpt is not None:  # a damaged newest checkpoint falls back to the one before (--resume auto)
+            ckpt = ck.intact(ckpt, run_dir, newest=str(resume) == "auto")
         if resume is None and ck.list_checkpoints(run_dir):
             raise HDError(f"{run_dir} already holds checkpoints of a run",
                           "add --resume auto to continue it, or choose another --out")
@@ -77,15 +79,22 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
         if ckpt is None and resume == "auto" and r.main:
             say(f"no checkpoint in {escape(str(run_dir / CHECKPOINTS))}: starting from scratch")
         _open_run_dir(r, start, changes)
-        stopped, last_saved, log = _loop(r, start, resumed=ckpt is not None)
-        return _finish(r, stopped, last_saved, log, resume_hint)
+        # signals are caught until the export is written: a stop request during it waits for it to finish
+        with _Signals() as signals:
+            try:
+                stopped, last_saved, log = _loop(r, start, signals, resumed=ckpt is not None)
+                return _finish(r, stopped, last_saved, log, resume_hint, signals)
+            except KeyboardInterrupt:  # a second Ctrl-C: out at once, but say what is on disk
+                if ui.is_main_process():
+                    _say_interrupted(run_dir, resume_hint)
+                raise
     finally:
         for lock in locks:
             lock.release()
         _reset_accelerate()
 
 
-def _loop(r: _Run, start: int, *, resumed: bool) -> tuple[int | None, int | None, Log]:
+def _loop(r: _Run, start: int, signals: _Signals, *, resumed: bool) -> tuple[int | None, int | None, Log]:
     """Optimiser steps ``start .. n_steps-1``; returns (stop signal or None, last saved step, the log)."""
     tc, oc = r.cfg.train, r.cfg.optim
     stream = _Stream(r.loader, r.per_epoch, start * r.accum, tc.seed)
@@ -96,7 +105,7 @@ def _loop(r: _Run, start: int, *, resumed: bool) -> tuple[int | None, int | None
               run_dir=r.run_dir, n_steps=r.n_steps, start=start, global_batch=r.global_batch, main=r.main,
               accelerator=r.accelerator, tensorboard=tc.tensorboard)
     _train_mode(r)
-    with _Signals() as signals, log:
+    with log:
         for step in range(start, r.n_steps):
             lr = lr_at(step, total=r.n_steps, warmup=r.warmup, peak=r.peak, min_lr=oc.min_lr)
             set_lr(r.raw_opt, lr)
@@ -191,8 +200,10 @@ def _check(ctrl: torch.Tensor, r: _Run, step: int) -> int | None:
     return int(sig) or None
 
 
-def _finish(r: _Run, stopped: int | None, last_saved: int | None, log: Log, resume_hint: str | None) -> dict:
-    """After the loop: a stopped run says where its checkpoint is; a finished one is exported."""
+def _finish(r: _Run, stopped: int | None, last_saved: int | None, log: Log, resume_hint: str | None,
+            signals: _Signals) -> dict:
+    """After the loop: a stopped run says where its checkpoint is; a finished one is exported (a signal that
+    arrives meanwhile waits for the export and is reported with it)."""
     result = {"run_dir": str(r.run_dir), "steps": last_saved if stopped else r.n_steps, "total_steps": r.n_steps,
               "first_loss": log.first_loss, "last_loss": log.last_loss, "time_s": time.perf_counter() - log.t_start,
               "interrupted": signal.Signals(stopped).name if stopped else None, "student": None}
@@ -212,9 +223,21 @@ def _finish(r: _Run, stopped: int | None, last_saved: int | None, log: Log, resu
             loss_txt = f"; loss {log.first_loss:.4f} → {log.last_loss:.4f}" if log.first_loss is not None else ""
             say(f"done: {r.n_steps} steps in {fmt_time(result['time_s'])}{loss_txt}; "
                 f"{r.task.export_dir} in {escape(result['student'])}")
+        if signals.received:  # it came while the last steps were saved and exported: all of it is on disk
+            result["interrupted"] = signal.Signals(signals.received).name
+            if r.main:
+                say(f"[yellow]warning:[/] {result['interrupted']} received while finishing: the run is complete "
+                    f"(last checkpoint and {escape(result['student'])} written) before stopping")
     if r.cfg.train.tensorboard:
         r.accelerator.end_training()
     return result
+
+
+def _say_interrupted(run_dir: Path, resume_hint: str | None) -> None:
+    good = ck.list_checkpoints(run_dir)
+    where = f"the newest complete checkpoint is {escape(str(good[-1]))}" if good else "no checkpoint was saved yet"
+    hint = f"; resume with: {escape(resume_hint)}" if good and resume_hint else ""
+    say(f"[yellow]warning:[/] interrupted at once (a second Ctrl-C): this step was not saved; {where}{hint}")
 
 
 def _check_finite(r: _Run) -> None:
