@@ -168,6 +168,7 @@ class _Teacher(nn.Module):
         self.img_size = vit.fit_grid(model, grid)  # input size giving the student's grid (/14 vs /16)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         mean_t, std_t = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+        self.mean, self.std = tuple(mean_t), tuple(std_t)
         self.renorm = tuple(mean_t) != tuple(mean_in) or tuple(std_t) != tuple(std_in)
         scale, shift = renorm_affine(mean_in, std_in, mean_t, std_t)
         self.register_buffer("scale", scale, persistent=False)
@@ -322,6 +323,11 @@ class Distiller(nn.Module):
         if self.masking not in ("progressive", "direct") or self.n_keep >= self.num_patches:
             return ()
         return self.mask_blocks if self.masking == "progressive" else self.mask_blocks[-1:]
+
+    def renormalised(self) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+        """name -> (mean, std) of each teacher that expects other input statistics than the student's: its
+        inputs are re-normalised (``teacher_input``)."""
+        return {name: (t.mean, t.std) for name, t in self._teachers.items() if t.renorm}
 
     def teacher_input(self, name: str, images: torch.Tensor) -> torch.Tensor:
         """``images`` (normalised for the student) as teacher ``name`` takes them: its own mean/std, size, dtype."""

@@ -401,10 +401,21 @@ def test_corrupt_jpeg_in_shard_is_skipped_counted_and_named(tmp_path, capfd):
 
 
 def test_too_many_corrupt_samples_stop_with_an_error_naming_the_first(tmp_path):
-    write_jpeg_shard(tmp_path / "train-000000.tar", 20, corrupt={3})
+    write_jpeg_shard(tmp_path / "train-000000.tar", 20, corrupt={3, 5, 7, 9, 11, 13})  # 6: one over the floor of 5
     loader = data.build_loader(tmp_path, img_size=16, batch_size=5, train=False, num_workers=0)
-    with pytest.raises(HDError, match="sample003"):
+    with pytest.raises(HDError, match=r"more than the 5 allowed per epoch .*sample003"):
         drain(loader)
+
+
+def test_one_unreadable_file_in_a_small_folder_is_skipped_with_a_warning(tmp_path, capfd):
+    for i in range(40):
+        _png(tmp_path / f"c{i % 2}" / f"{i}.png", i)
+    (tmp_path / "c0" / "broken.png").write_bytes(b"\x89PNG not really")  # 0.1% of 41 images rounds to none
+    loader = data.build_loader(tmp_path, img_size=8, batch_size=8, train=False, num_workers=0)  # reads all 41
+    xs, _ = drain(loader)
+    assert loader.bad_samples == 1 and sum(len(x) for x in xs) == 40
+    assert "broken.png" in capfd.readouterr().err
+    assert data.loaders.bad_image_budget(0.001, 41) == 5 and data.loaders.bad_image_budget(0.0, 41) == 0
 
 
 def test_truncated_tar_is_an_error_naming_the_shard(tmp_path):
@@ -492,3 +503,11 @@ def test_a_link_loop_in_an_image_folder_is_followed_once_with_a_warning(tmp_path
     info = json.loads(r.stdout)
     assert info["splits"]["train"]["samples"] == 40 and info["classes"] == ["a", "b"]
     assert "links are followed once" in r.stderr and "a/self" in r.stderr
+
+
+def test_a_folder_named_like_a_brace_pattern_is_a_folder(tmp_path):
+    root = tmp_path / "imgs{1..2}"
+    for i in range(4):
+        _png(root / f"c{i % 2}" / f"{i}.png", i)
+    assert data.parse_source(str(root)).kind == "folder"
+    assert len(data.FolderRecords(str(root))) == 4

@@ -398,3 +398,44 @@ def test_damaged_checkpoints_are_named_when_none_is_left_or_one_is_asked_for(tmp
         engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume="auto")
     with pytest.raises(HDError, match=r"checkpoint .*step_0000002 is damaged \(model.safetensors is missing\)"):
         engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume=str(ck2))
+
+
+class CountingLoader(ToyLoader):
+    """Reports one unreadable image per batch it yields (as hdcli.data loaders count skipped images)."""
+
+    bad_samples, start = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):  # a resume skips batches without reading them (as hdcli.data)
+        self.epoch, self.start = epoch, start_batch
+
+    def __iter__(self):
+        for i, batch in enumerate(super().__iter__()):
+            if i >= self.start:
+                self.bad_samples += 1
+                yield batch
+        self.start = 0
+
+
+class BadImages(Toy):
+    def train_loader(self, *, rank, world_size, seed):
+        return CountingLoader(self.x, self.y, self.cfg.train.batch_size, rank, world_size, seed)
+
+
+def test_the_bad_image_count_goes_on_after_a_resume(tmp_path):
+    cfg = toy_cfg(steps=3, save_every=3, log_every=1)
+    engine.train(lambda: BadImages(cfg), cfg, tmp_path / "run")
+    cfg.train.steps = 5
+    engine.train(lambda: BadImages(cfg), cfg, tmp_path / "run", resume="auto")
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_images"] for r in recs] == [1, 2, 3, 4, 5]
+
+
+def test_a_finished_run_that_only_re_exports_needs_only_the_exports_space(tmp_path, monkeypatch):
+    cfg = toy_cfg(steps=2, save_every=2)
+    engine.train(lambda: Toy(cfg), cfg, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "student")
+    monkeypatch.setenv("HD_FAULT_INJECT", f"free_bytes={(64 << 20) + 2000}")  # the export fits, checkpoints do not
+    engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume="auto")
+    assert (tmp_path / "run" / "student" / "weights.pt").is_file()
+    with pytest.raises(HDError, match="checkpoints and the export need about"):
+        engine.train(lambda: Toy(cfg), cfg, tmp_path / "fresh")

@@ -164,3 +164,15 @@ def test_two_ctrl_c_in_a_row_exit_130_saying_what_is_on_disk(tmp_path):
     assert "Traceback" not in err
     assert "interrupted at once (a second Ctrl-C): this step was not saved; the newest complete checkpoint is " \
            f"{out / 'checkpoints'}/step_" in err or "checkpoint saved in" in err, err[-2000:]
+
+
+def test_a_teacher_with_other_input_statistics_is_named_in_one_info_line(tmp_path, capfd):
+    from conftest import tiny_vit
+    from timm.models import save_for_hf
+
+    # vit_base_patch16_224's default tag (augreg) carries mean = std = 0.5 into config.json
+    save_for_hf(tiny_vit(depth=12), str(tmp_path / "t"), safe_serialization=True)
+    assert hd_main(*TINY, "--teachers", f"local-dir:{tmp_path / 't'},random:vit_base_patch16_224", "--steps", "1",
+                   "--out", str(tmp_path / "run")) == 0
+    err = capfd.readouterr().err
+    assert "expects inputs normalised with mean (0.5, 0.5, 0.5) and std (0.5, 0.5, 0.5)" in err

@@ -204,13 +204,14 @@ def write_shard(path: Path, n: int, bad: dict[int, bytes]) -> None:
 
 def test_unreadable_images_beyond_max_bad_fraction_stop_the_run(tmp_path, capfd):
     cut = jpeg_bytes(7)[:300]  # a truncated JPEG
-    write_shard(tmp_path / "train-000000.tar", 24, {3: b"\xff\xd8\xff\xe0 not a jpeg", 9: cut, 15: cut, 21: cut})
+    bad = {3: b"\xff\xd8\xff\xe0 not a jpeg", **{i: cut for i in (5, 9, 11, 15, 17, 21)}}  # 7: over the floor of 5
+    write_shard(tmp_path / "train-000000.tar", 24, bad)
     out = tmp_path / "run"
     code = hd_main(*TINY, "--data", str(tmp_path), "--steps", "6", "--out", str(out))  # default: 0.1%
     err = capfd.readouterr().err
     assert code == 2 and len(error_lines(err)) == 1 and "Traceback" not in err
     line = error_lines(err)[0]
-    assert "unreadable images out of" in line and "more than the allowed 0.10%" in line
+    assert "unreadable images out of" in line and "more than the 5 allowed per epoch (0.10% of " in line
     assert "the first was sample0" in err and str(tmp_path / "train-000000.tar") in err
     assert not (out / "student").exists()
 

@@ -151,3 +151,15 @@ def test_fit_grid_resizes_a_patch14_teacher_to_the_student_grid(make_tiny_vit):
 def test_register_tokens_are_rejected(make_tiny_vit):
     with pytest.raises(HDError, match="prefix token"):
         vit.check_vit(make_tiny_vit(reg_tokens=4), "the student")
+
+
+def test_the_final_norm_of_an_average_pooling_model_is_fc_norm():
+    from conftest import tiny_vit
+
+    m = tiny_vit(global_pool="avg")  # timm: norm is Identity, fc_norm holds the final LayerNorm
+    assert isinstance(m.norm, torch.nn.Identity) and vit.final_norm(m) is m.fc_norm
+    x = vit.embed(m, torch.randn(2, 3, 32, 32))
+    _, _, feats = vit.run_blocks(m, x, final=True)
+    torch.testing.assert_close(feats, m.fc_norm(m.blocks(x)))
+    token = tiny_vit()  # global_pool="token": the final norm is norm
+    assert vit.final_norm(token) is token.norm and isinstance(token.norm, torch.nn.LayerNorm)

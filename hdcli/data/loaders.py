@@ -42,6 +42,13 @@ from hdcli.seeding import mix_seed, seeded
 
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 5000, 1000  # samples held per worker before decoding (open_clip's sizes)
 MAX_WARNINGS = 20  # per loader; the count goes on past it
+MIN_BAD_IMAGES = 5  # a small folder with one unreadable file still trains (0.1% of 40 images rounds to none)
+
+
+def bad_image_budget(fraction: float, samples: int) -> int:
+    """Unreadable images tolerated per epoch: ``fraction`` of the epoch's samples, at least MIN_BAD_IMAGES
+    (none when ``fraction`` is 0: the user asked for no bad image at all)."""
+    return 0 if fraction == 0 else max(MIN_BAD_IMAGES, math.floor(fraction * samples))
 
 def steps_per_epoch(n: int, *, batch_size: int, world_size: int = 1, train: bool = True,
                     steps: int | None = None) -> int:
@@ -350,11 +357,12 @@ class Loader:
             return
         seen = self.samples_seen - seen0
         epoch_samples = len(self) * self.batch_size
-        if bad > self.max_bad_fraction * max(seen, epoch_samples):
+        budget = bad_image_budget(self.max_bad_fraction, max(seen, epoch_samples))
+        if bad > budget:
             first = self.counts.first_bad.value.decode(errors="replace")
             raise HDError(
-                f"{bad} unreadable images out of {seen} read from {self.spec}: more than the allowed "
-                f"{self.max_bad_fraction:.2%} of an epoch ({epoch_samples} samples)",
+                f"{bad} unreadable images out of {seen} read from {self.spec}: more than the {budget} allowed per "
+                f"epoch ({self.max_bad_fraction:.2%} of {epoch_samples} samples, at least {MIN_BAD_IMAGES})",
                 f"the first was {first}; fix or remove the bad files, or raise max_bad_fraction")
 
 

@@ -67,7 +67,7 @@ def parse_source(source: str | os.PathLike | None) -> Source:
         return Source("cifar100", s, str(Path(rest).expanduser()))
     # Cheap checks here (a stat and 1 KiB per shard, a walk up to the first image): every command calls
     # parse_source before building models, so a wrong path fails before any heavy work (issue 10).
-    if _is_pattern(s):
+    if _is_pattern(s) and not Path(s).expanduser().exists():  # a folder literally named imgs{1..2} is a folder
         for u in expand_pattern(s):
             check_tar(u)
         return Source("shards", s, s)

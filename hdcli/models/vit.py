@@ -182,4 +182,13 @@ def run_blocks(
             leaving[i] = x
     if stop in enter:
         entering[stop] = x
-    return entering, leaving, (model.norm(x) if final else None)
+    return entering, leaving, (final_norm(model)(x) if final else None)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm that ends a model's token features: ``norm``, or ``fc_norm`` where timm moved it there
+    (``global_pool="avg"``: ``norm`` is Identity and the real final norm is ``fc_norm``)."""
+    norm, fc = model.norm, getattr(model, "fc_norm", None)
+    if isinstance(norm, nn.Identity) and fc is not None and not isinstance(fc, nn.Identity):
+        return fc
+    return norm

@@ -92,6 +92,10 @@ def build_method(student: nn.Module, models: dict[str, nn.Module], dc) -> nn.Mod
                      drop_ratio=dc.drop_ratio, masking=dc.masking, beta=dc.beta, relation_heads=dc.relation_heads)
 
 
+def _fmt(v) -> str:
+    return "(" + ", ".join(f"{x:.3g}" for x in v) + ")"
+
+
 class DistillTask(Task):
     """``hd distill``: trains ``method.student`` + ``method.heads``; exports the student alone."""
 
@@ -111,6 +115,10 @@ class DistillTask(Task):
                 models[name] = build_teacher(name, cfg, i)
         self.teacher_models = models  # name in distill.teachers -> frozen model (build_method's input)
         self.model = build_method(student, models, dc)
+        given = {key: name for name, m in models.items() for key, tm in self.model.teachers.items() if tm is m}
+        for key, (mean, std) in self.model.renormalised().items():  # e.g. a timm default tag's 0.5s, CLIP's
+            ui.console.print(f"teacher {given.get(key, key)!r} expects inputs normalised with mean {_fmt(mean)} and std "
+                             f"{_fmt(std)}: the ImageNet-normalised images are re-normalised for it", soft_wrap=True)
         self.frozen = list({id(m): m for m in self.model.teachers.values()}.values())
         # without a features target the student's last blocks/norm get no gradient: DDP must know
         self.find_unused_parameters = not any(t.kind == "features" for t in self.model.targets)

@@ -118,8 +118,8 @@ def _loop(r: _Run, start: int, signals: _Signals, *, resumed: bool) -> tuple[int
             epoch_end = has_eval and epochs_done > r.accum * (done - 1) // r.per_epoch
             if done % tc.log_every == 0 or done == r.n_steps or stopped or epoch_end:
                 rec = log.record(done=done, epoch=round(r.accum * done / r.per_epoch, 4), lr=lr, grad_norm=grad_norm,
-                                 skipped=guard.skipped, bad_images=getattr(r.loader, "bad_samples", 0) or 0,
-                                 world=r.world)
+                                 skipped=guard.skipped, bad_images=_bad_images(r), world=r.world)
+                rec["bad_images"] += r.bad_before
                 if epoch_end:
                     rec.update(r.task.evaluate(r.accelerator.unwrap_model(r.wrapped), r.accelerator, epochs_done - 1) or {})
                     _train_mode(r)
@@ -274,6 +274,7 @@ class _Run:
     raw_opt: torch.optim.AdamW
     optimizer: Any  # Accelerate's wrapper of raw_opt
     fp16: bool
+    bad_before: int = 0  # unreadable images skipped by the segments before a resume (from state.json)
 
     @property
     def main(self) -> bool:
@@ -373,6 +374,7 @@ def _restore(r: _Run, ckpt: Path) -> int:
         raise HDError(f"checkpoint {ckpt} does not fit this run: {e}",
                       "resume with the run's own config (hd reads <run>/config.toml) or start a new --out") from None
     start = int(state["step"])
+    r.bad_before = int(state.get("bad_images", 0))
     if start > r.n_steps:
         raise HDError(f"checkpoint {ckpt} is at step {start}, beyond this run's {r.n_steps} steps",
                       "raise --steps/--epochs, or resume from an earlier checkpoint")
@@ -419,7 +421,9 @@ def _open_run_dir(r: _Run, start: int, changes: dict[str, tuple[str, str]]) -> N
             raise ck.unwritable(r.run_dir, e) from None
         for stale in (r.run_dir / CHECKPOINTS).glob(".tmp-*"):
             ck.rmtree(stale)  # an interrupted save leaves only a temp dir behind
-        ck.check_free_space(r.run_dir, 2 * 3 * _model_bytes(r.model, r.frozen_names) + (64 << 20))
+        weights = _model_bytes(r.model, r.frozen_names)
+        # checkpoints (weights + 2 Adam moments, 2 kept) and the export; a finished run only re-exports
+        ck.check_free_space(r.run_dir, (weights if start >= r.n_steps else 2 * 3 * weights) + (64 << 20))
         if r.cfg.train.tensorboard:
             r.accelerator.init_trackers("tensorboard")
         say(f"training {r.n_steps} steps ({r.per_epoch} batches/epoch/rank, {r.world} process(es), global batch "
@@ -429,11 +433,19 @@ def _open_run_dir(r: _Run, start: int, changes: dict[str, tuple[str, str]]) -> N
 
 
 def _save(r: _Run, step: int) -> Path:
+    bad = torch.tensor(float(_bad_images(r)), device=r.device)
+    bad = int(r.accelerator.reduce(bad, "sum").item()) if r.world > 1 else int(bad.item())
     return ck.save_checkpoint(r.accelerator, r.run_dir, step, {
         "step": step, "total_steps": r.n_steps, "epoch": (step * r.accum) // r.per_epoch,
         "batches_per_epoch": r.per_epoch, "global_batch": r.global_batch, "world_size": r.world,
+        "bad_images": r.bad_before + bad,  # over the whole run, earlier segments included
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }, r.cfg.train.keep_checkpoints)
+
+
+def _bad_images(r: _Run) -> int:
+    """Unreadable images this segment's loader skipped on this rank."""
+    return int(getattr(r.loader, "bad_samples", 0) or 0)
 
 
 def _train_mode(r: _Run) -> None:
