@@ -44,9 +44,18 @@ def step_count(n: int, drop_ratio: float) -> int:
 
 def keep_count(n: int, drop_ratio: float, steps: int) -> int:
     """Tokens kept after ``steps`` masking steps from ``n`` patches (196, 0.3, 3 -> 67)."""
+    return keep_schedule(n, drop_ratio, steps)[-1] if steps else n
+
+
+def keep_schedule(n: int, drop_ratio: float, steps: int) -> tuple[int, ...]:
+    """The count after each of ``steps`` masking steps (196, 0.3, 3 -> (137, 96, 67)). Computed once, outside
+    any compiled graph (``torch.compile`` does not trace the rational arithmetic), and passed to
+    :func:`keep_set` as ``schedule``."""
+    counts = []
     for _ in range(steps):
         n = step_count(n, drop_ratio)
-    return n
+        counts.append(n)
+    return tuple(counts)
 
 
 def all_patches(batch: int, n: int, device=None) -> torch.Tensor:
@@ -68,16 +77,18 @@ def drop_redundant(h: torch.Tensor, keep: torch.Tensor, n_keep: int) -> torch.Te
     return keep.gather(1, order).sort(dim=1).values  # [B, n_keep] patch indices, ascending
 
 
-def progressive_keep(hiddens: Sequence[torch.Tensor], drop_ratio: float) -> torch.Tensor:
+def progressive_keep(hiddens: Sequence[torch.Tensor], drop_ratio: float,
+                     schedule: Sequence[int] | None = None) -> torch.Tensor:
     """Progressive masking: one ``drop_redundant`` step per hidden state, in order (paper Eq. 4).
 
     hiddens: the MIM teacher's patch tokens [B, N, D] entering each mask block (CLS excluded).
     Returns [B, keep_count(N, r, len(hiddens))], ascending.
     """
     b, n, _ = hiddens[0].shape
+    schedule = keep_schedule(n, drop_ratio, len(hiddens)) if schedule is None else schedule
     keep = all_patches(b, n, hiddens[0].device)  # [B, N]
-    for h in hiddens:
-        keep = drop_redundant(h, keep, step_count(keep.shape[1], drop_ratio))
+    for h, n_keep in zip(hiddens, schedule, strict=True):
+        keep = drop_redundant(h, keep, n_keep)
     return keep
 
 
@@ -105,6 +116,7 @@ def keep_set(
     n: int | None = None,
     steps: int | None = None,
     device=None,
+    schedule: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The keep set of ``masking`` (progressive | direct | random | none). -> [B, n_keep] int64, ascending.
 
@@ -112,7 +124,8 @@ def keep_set(
     only the last one is used); ``random`` and ``none`` do not look at them and take ``batch``, ``n``
     and ``steps`` instead. ``steps`` = the number of mask blocks (default ``len(hiddens)``): ``direct``
     and ``random`` keep as many tokens as ``progressive`` would. When the final count equals
-    N (drop ratio 0 or no mask blocks) every strategy returns all patches.
+    N (drop ratio 0 or no mask blocks) every strategy returns all patches. ``schedule``: the precomputed
+    :func:`keep_schedule` of (N, drop_ratio, steps), for callers inside a compiled graph.
     """
     check_strategy(masking)
     if hiddens:
@@ -120,7 +133,8 @@ def keep_set(
         steps = len(hiddens) if steps is None else steps
     if batch is None or n is None or steps is None:
         raise ValueError("keep_set needs hidden states or batch, n and steps")
-    n_keep = keep_count(n, drop_ratio, steps)
+    schedule = keep_schedule(n, drop_ratio, steps) if schedule is None else tuple(schedule)
+    n_keep = schedule[-1] if schedule else n
     if masking == "none" or n_keep == n:
         return all_patches(batch, n, device)
     if masking == "random":
@@ -129,4 +143,4 @@ def keep_set(
         raise ValueError(f"{masking} masking needs the mask teacher's hidden states")
     if masking == "direct":
         return direct_keep(hiddens[-1], n_keep)
-    return progressive_keep(hiddens, drop_ratio)
+    return progressive_keep(hiddens, drop_ratio, schedule)

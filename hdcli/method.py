@@ -298,7 +298,8 @@ class Distiller(nn.Module):
         """Which teacher chooses the kept tokens, at which blocks, and the static keep count."""
         self.mask_teacher = mask_teacher
         self.mask_blocks = tuple(sorted(set(int(b) for b in mask_blocks)))
-        self.n_keep = masking_lib.keep_count(self.num_patches, self.drop_ratio, len(self.mask_blocks))
+        self.schedule = masking_lib.keep_schedule(self.num_patches, self.drop_ratio, len(self.mask_blocks))
+        self.n_keep = self.schedule[-1] if self.schedule else self.num_patches
         if self.mask_teacher_blocks:
             if mask_teacher is None:
                 raise HDError(f"{self.masking} masking needs a mask teacher",
@@ -364,13 +365,13 @@ class Distiller(nn.Module):
         """
         with torch.no_grad():
             order = sorted(self._teachers, key=lambda n: n != self.mask_teacher)  # mask teacher first
-            runs: dict[str, _Run] = {}
+            runs: dict[str, _Taps] = {}
             for name in order:
                 extra = self.mask_teacher_blocks if name == self.mask_teacher else ()
                 targets = [t for t in self.targets if t.teacher == name]
                 if targets or extra:  # e.g. a mask teacher under random/none masking: nothing to compute
                     model = self._teachers[name].model
-                    runs[name] = _Run.of(model, vit.embed(model, self.teacher_input(name, images)),
+                    runs[name] = _Taps.of(model, vit.embed(model, self.teacher_input(name, images)),
                                          [(t.kind, bt) for t in targets for bt, _ in t.pairs], enter=extra)
             keep = self._keep(runs, images)
             values: dict[tuple[str, int | None], torch.Tensor] = {}
@@ -393,7 +394,7 @@ class Distiller(nn.Module):
         s = self.student
         x = vit.embed_kept(s, images, None if keep.shape[1] == self.num_patches else keep)  # [B, 1+n, D]
         ckpt = bool(getattr(s, "grad_checkpointing", False)) and self.training
-        run = _Run.of(s, x, [(t.kind, bs) for t in self.targets for _, bs in t.pairs], checkpoint=ckpt)
+        run = _Taps.of(s, x, [(t.kind, bs) for t in self.targets for _, bs in t.pairs], checkpoint=ckpt)
         mine: dict[tuple[str, int | None], torch.Tensor] = {}
         for t in self.targets:
             tap = TAPS[t.kind]
@@ -423,15 +424,16 @@ class Distiller(nn.Module):
     def _heads_of(self, r: torch.Tensor) -> torch.Tensor:
         return head_mean(r) if self.relation_heads == "mean" else r
 
-    def _keep(self, runs: dict[str, _Run], images: torch.Tensor) -> torch.Tensor:
+    def _keep(self, runs: dict[str, _Taps], images: torch.Tensor) -> torch.Tensor:
         """The keep set [B, n_keep]: from the mask teacher's patch tokens entering its mask blocks, or drawn."""
         blocks = self.mask_teacher_blocks
         if blocks:
             entering = runs[self.mask_teacher].entering
             hiddens = [entering[i][:, 1:] for i in blocks]  # [B, N, D] patch tokens entering each mask block
-            return masking_lib.keep_set(self.masking, hiddens, self.drop_ratio, steps=len(self.mask_blocks))
+            return masking_lib.keep_set(self.masking, hiddens, self.drop_ratio, steps=len(self.mask_blocks),
+                                        schedule=self.schedule)
         return masking_lib.keep_set(self.masking, [], self.drop_ratio, batch=images.shape[0], n=self.num_patches,
-                                    steps=len(self.mask_blocks), device=images.device)
+                                    steps=len(self.mask_blocks), device=images.device, schedule=self.schedule)
 
 
 @dataclass
@@ -444,7 +446,7 @@ class TeacherTargets:
 
 
 @dataclass
-class _Run:
+class _Taps:
     """The hidden states one forward through a model's blocks kept for its taps (``vit.run_blocks``)."""
 
     model: nn.Module
@@ -454,7 +456,7 @@ class _Run:
 
     @classmethod
     def of(cls, model: nn.Module, x: torch.Tensor, taps: Sequence[tuple[str, int | None]], *,
-           enter: Sequence[int] = (), checkpoint: bool = False) -> _Run:
+           enter: Sequence[int] = (), checkpoint: bool = False) -> _Taps:
         """Run ``model`` on the embedded ``x`` only as far as the (kind, block) ``taps`` and ``enter`` need."""
         wants = {"enter": set(enter), "leave": set(), "final": False}
         for kind, b in taps:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -68,15 +69,16 @@ def ref_keep(states, mask_blocks, r, strategy):
         kept = list(range(n))
         steps = mask_blocks if strategy == "progressive" else mask_blocks[-1:]
         final = n
+        exact = 1 - Fraction(str(r))  # METHOD.md's n' = floor(n(1 - r) + 0.5) in exact arithmetic (45 * 0.7 = 31.5 -> 32)
         for _ in mask_blocks:
-            final = math.floor(final * (1 - r) + 0.5)
+            final = math.floor(final * exact + Fraction(1, 2))
         if strategy == "none":
             steps = []
         for i in steps:
             hk = states[i][img, 1:][kept]
             m = hk.mean(0)
             s = [float(hk[j] @ m / (hk[j].norm() * m.norm())) for j in range(len(kept))]
-            n_new = math.floor(len(kept) * (1 - r) + 0.5) if strategy == "progressive" else final
+            n_new = math.floor(len(kept) * exact + Fraction(1, 2)) if strategy == "progressive" else final
             kept = sorted(kept[j] for j in sorted(range(len(kept)), key=lambda j: s[j])[:n_new])
         keeps.append(kept)
     return keeps

@@ -28,7 +28,7 @@ def test_a_note_joins_the_default_and_a_none_default_shows_nothing():
 
 def test_with_options_passes_overrides_and_refuses_a_flag_declared_twice():
     @options.with_options(DistillConfig, *options.run_options("runs/x"), *options.CHECKPOINTS)
-    def cmd(overrides, out, recipe, resume, set_, print_config):
+    def cmd(overrides, out, recipe, resume, set_, print_config, allow_config_change):
         return overrides, out
 
     params = inspect.signature(cmd).parameters

@@ -14,6 +14,7 @@ from hdcli.config import DistillConfig, load_config
 from hdcli.errors import HDError
 from hdcli.paper import reproduce as rp
 from hdcli.paper.report import fmt_diff, load_paper, read_detectron2, read_mmseg, record, report, runs_of
+from hdcli.tools import flops
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "paper"
@@ -103,7 +104,7 @@ def test_single_teacher_baselines_distil_features_only_without_masking():
 
 
 def test_table8_recipes_keep_the_printed_fractions_of_196_patches():
-    keep = {run: rp.n_keep(recipe(run), 196) for run in
+    keep = {run: flops.config_keep(recipe(run), 196) for run in
             ("abl-mask-progressive-50", "abl-mask-progressive-30", "abl-mask-progressive-10", "abl-mask-random",
              "abl-mask-direct", "abl-hybrid-mae-deit")}
     assert keep == {"abl-mask-progressive-50": 25, "abl-mask-progressive-30": 67, "abl-mask-progressive-10": 142,

@@ -1,6 +1,6 @@
 """``hd demo``: pre-train two tiny teachers, hybrid-distil a student, probe/fine-tune/analyse all three,
-write ``<out>/report.md`` and print its table (hdcli/demo.py). ``make demo`` runs it.
-``hd demo --study``: the mini study on Fashion-MNIST (hdcli/study.py, docs/mini-study.md)."""
+write ``<out>/report.md`` and print its table (hdcli/paper/demo.py). ``make demo`` runs it.
+``hd demo --study``: the mini study on Fashion-MNIST (hdcli/paper/study.py, docs/mini-study.md)."""
 
 from __future__ import annotations
 

@@ -54,7 +54,9 @@ class Opt:
         shown = _show(default) + (f"; {self.note}" if self.note else "")
         if "{default}" in self.help:
             return self.help.format(default=shown)
-        return self.help if not shown else f"{self.help.rstrip('.')} (default: {shown})."
+        if not shown or "(default:" in self.help:  # the help states its default in its own words
+            return self.help
+        return f"{self.help.rstrip('.')} (default: {shown})."
 
     def parameter(self, cls) -> inspect.Parameter:
         option = typer.Option(*self.flags, help=self.help_for(cls), rich_help_panel=self.panel, show_default=False)
@@ -93,7 +95,7 @@ def with_options(cls, *opts: Opt | inspect.Parameter):
     def decorate(fn):
         bound = [o for o in opts if isinstance(o, Opt)]
         extra = [o.parameter(cls) if isinstance(o, Opt) else o for o in opts]
-        given = {p.name for p in extra if not isinstance(p, Opt)}
+        given = {o.name for o in opts if isinstance(o, inspect.Parameter)}
         # the command names the plain parameters it receives; their declarations come from ``opts``
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
                if p.name != "overrides" and p.name not in given]

@@ -31,12 +31,13 @@ def _make(which: str):
     ) -> None:
         from hdcli import ui
         from hdcli.paper import report
+        from hdcli.rundir import atomic_write
 
         text = report.report(which, runs, paper_path=paper, best=best)
         if out is None:
             ui.stdout.print(text, end="", markup=False, highlight=False, soft_wrap=True)
         else:
-            report.write_text(out, text)
+            atomic_write(out, text)
             ui.info(f"[green]wrote[/] {out}")
 
     command.__doc__ = f"{HELP[which]} Markdown: the paper's number, ours and the difference per cell."

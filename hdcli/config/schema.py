@@ -288,8 +288,6 @@ class FinetuneConfig:
                           f"{self.train.batch_size}", "use an even --batch-size or turn off --mixup and --cutmix")
 
 
-
-
 # MAE's linear-probing protocol, applied under the recipe and the flags when linear probing (so
 # ``--linear-probe`` alone gives it). LARS is replaced by the engine's AdamW (docs/finetune.md).
 LINEAR_PROBE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -377,17 +375,6 @@ class PretrainConfig:
         if p.mode == "supervised" and (p.mixup > 0 or p.cutmix > 0) and self.train.batch_size % 2:
             raise HDError(f"Mixup/CutMix needs an even batch size, got {self.train.batch_size}",
                           "use an even --batch-size or set pretrain.mixup=0 and pretrain.cutmix=0")
-
-
-# DeiT (Touvron et al. 2021): 300 epochs, lr 5e-4 × batch/512, warm-up 5, wd 0.05, drop path 0.1,
-# crop scale (0.08, 1). Applied under the recipe and the flags for ``mode = "supervised"``.
-SUPERVISED_DEFAULTS: dict[str, dict[str, Any]] = {
-    "train": {"epochs": 300},
-    "optim": {"blr": 2.5e-4, "betas": [0.9, 0.999], "warmup_epochs": 5.0, "min_lr": 1e-5},
-    "data": {"scale": [0.08, 1.0]},
-    "student": {"drop_path": 0.1},
-}
-
 
 
 # DeiT (Touvron et al. 2021): 300 epochs, lr 5e-4 × batch/512, warm-up 5, wd 0.05, drop path 0.1,

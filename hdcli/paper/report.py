@@ -299,7 +299,6 @@ def report(which: str, runs: str | os.PathLike, *, paper_path: str | os.PathLike
     return "\n".join(out) + "\n"
 
 
-write_text = atomic_write  # reports, reproduce.json and downstream results: written whole or not at all
 
 
 # ---------------------------------------------------------------- downstream results
@@ -374,10 +373,10 @@ def record(run_dir: str | os.PathLike, *, box_ap: float | None = None, mask_ap: 
     stamp = datetime.now().isoformat(timespec="seconds")
     if box_ap is not None:
         obj = {"box_ap": box_ap, "mask_ap": mask_ap, "source": source or "recorded by hand", "time": stamp}
-        written.append(write_text(run_dir / COCO, json.dumps(obj, indent=1) + "\n"))
+        written.append(atomic_write(run_dir / COCO, json.dumps(obj, indent=1) + "\n"))
     if miou is not None:
         obj = {"miou": miou, "source": source or "recorded by hand", "time": stamp}
-        written.append(write_text(run_dir / ADE20K, json.dumps(obj, indent=1) + "\n"))
+        written.append(atomic_write(run_dir / ADE20K, json.dumps(obj, indent=1) + "\n"))
     if not written:
         raise HDError("nothing to record", "give --coco-box/--coco-mask, --ade20k, --from-detectron2 or --from-mmseg")
     return written

@@ -45,6 +45,7 @@ from pathlib import Path
 from hdcli import config, ui
 from hdcli.errors import HDError, did_you_mean
 from hdcli.paper import downstream, report
+from hdcli.rundir import atomic_write
 from hdcli.tools import flops
 
 REPO = report.REPO
@@ -195,11 +196,6 @@ def distill_flops(cfg) -> int:
     return flops.distill_step(cfg, lambda name: arch_dims(name, img_size=cfg.data.img_size), student_dims(cfg))
 
 
-def n_keep(cfg, n_patches: int) -> int:
-    return flops.config_keep(cfg, n_patches)
-
-
-hours = flops.gpu_hours
 
 
 def _load_bench(path: str | os.PathLike) -> tuple[float, str]:
@@ -346,7 +342,7 @@ def _distill_step(p: Plan, r: str, cfg, run_dir: Path, mae_in100: str | None) ->
         argv += _smoke_distill(cfg)
     else:
         _fit(argv, cfg.train.batch_size, cfg.train.accum_steps, p.world)
-    est = None if smoke else hours(distill_flops(cfg) * DATA[dkey][2] * cfg.train.epochs, p.tflops)
+    est = None if smoke else flops.gpu_hours(distill_flops(cfg) * DATA[dkey][2] * cfg.train.epochs, p.tflops)
     return Step(r, "distill", _wrap_nodes(argv, p.nodes), _weights(distill_dir), est, skip=skip,
                 needs=() if smoke else (dkey,))
 
@@ -371,7 +367,7 @@ def _finetune_step(p: Plan, r: str, cfg, run_dir: Path, key: str, *, skip: str) 
         img = ft.get("data", {}).get("img_size", 224)
         d = student_dims(cfg, img)
         grid = img // flops.patch_of(d)
-        est = hours(flops.classifier_step(d, grid * grid) * DATA[key][2] * epochs, p.tflops)
+        est = flops.gpu_hours(flops.classifier_step(d, grid * grid) * DATA[key][2] * epochs, p.tflops)
         if ft_recipe is None:
             note = f"no recipes/finetune recipe for {key}: hd finetune's defaults (MAE ViT-B, 100 epochs)"
     return Step(r, f"finetune:{key}", _wrap_nodes(argv, p.nodes), _weights(ft_dir), est, note, skip=skip,
@@ -525,7 +521,7 @@ def execute(p: Plan, *, run_hd: Callable[[list[str]], None] | None = None) -> di
     p.out.mkdir(parents=True, exist_ok=True)
     state = report.read_json(p.out / report.STATE) or {"scale": p.scale, "created": _now()}
     state.update({"scale": p.scale, "last_target": p.target, "updated": _now()})
-    report.write_text(p.out / report.STATE, json.dumps(state, indent=1) + "\n")
+    atomic_write(p.out / report.STATE, json.dumps(state, indent=1) + "\n")
     counts = {"ran": 0, "done": 0, "skipped": 0}
     for i, s in enumerate(p.steps, 1):
         name = f"[{i}/{len(p.steps)}] {s.stage}" + (f" {s.run}" if s.run else "")

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hdcli import data
@@ -30,10 +29,11 @@ class _SeedNumpy:
         return img
 
 
-def train_transform(img_size: int, *, scale, hflip: float, auto_augment: str | None, color_jitter=None,
+def train_transform(img_size: int, *, scale, hflip: float, auto_augment: str | None, color_jitter=0.4,
                     key: str = "auto_augment", examples: str = "rand-m9-mstd0.5-inc1, original, or none"):
     """timm's ``create_transform`` for training (RandomResizedCrop, flip, RandAugment), uint8 output; random
-    erasing runs on the device after normalisation. ``key`` names the setting in errors."""
+    erasing runs on the device after normalisation. ``color_jitter``: timm's default (used only without
+    RandAugment). ``key`` names the setting in errors."""
     from timm.data import create_transform
     from torchvision import transforms
 
@@ -100,13 +100,15 @@ class ClassifyStep:
     def _setup(self, device: torch.device) -> None:
         from timm.data import Mixup
         from timm.data.random_erasing import RandomErasing
-        from timm.loss import SoftTargetCrossEntropy
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
         if self.mixing:
             self._mixup = Mixup(**self.mix, label_smoothing=self.smoothing, num_classes=self.num_classes)
             self._criterion = SoftTargetCrossEntropy()
+        elif self.smoothing > 0:
+            self._criterion = LabelSmoothingCrossEntropy(smoothing=self.smoothing)
         else:
-            self._criterion = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=self.smoothing)
+            self._criterion = nn.CrossEntropyLoss()
         if self.reprob > 0:
             self._erase = RandomErasing(self.reprob, mode=self.remode, max_count=self.recount, device=device)
 

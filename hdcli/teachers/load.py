@@ -367,8 +367,8 @@ def check_coverage(model: nn.Module, weights: str | os.PathLike, *, fresh: tuple
         with safe_open(str(weights), "pt") as f:
             have = set(f.keys())
     except Exception as e:  # SafetensorError: cut or not a safetensors file
-        raise HDError(f"cannot read {weights}: {str(e).splitlines()[0][:200]}",
-                      "the file is truncated or corrupt: copy or write it again") from None
+        raise HDError(f"cannot read the weights of {who} ({weights}): {str(e).splitlines()[0][:200]}",
+                      "the file is truncated or corrupt (an interrupted copy?): copy or write it again") from None
     own = set(model.state_dict())
     missing = sorted(k for k in own - have if not k.startswith(fresh))
     unexpected = sorted(k for k in have - own if not k.startswith(dropped))

@@ -110,8 +110,9 @@ def intact(ckpt: Path, run_dir: Path, *, newest: bool) -> Path:
         older = next((o for o in candidates if o.name < c.name), None)
         if older is not None:
             ui.warn(f"checkpoint {c.name} is damaged ({why}); resuming from {older.name}")
-    raise HDError(f"no intact checkpoint in {run_dir / CHECKPOINTS}: the newest, {candidates[0].name}, is damaged "
-                  f"({damage(candidates[0])})", "start a new --out, or delete the damaged checkpoints to start afresh")
+    last = (candidates or [ckpt])[-1]
+    raise HDError(f"checkpoint {last} is damaged ({damage(last)}), and no older checkpoint of the run is intact",
+                  "start a new --out, or delete the damaged checkpoints to start afresh")
 
 
 def read_state(ckpt: Path) -> dict:

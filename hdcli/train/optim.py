@@ -10,7 +10,6 @@ from torch import nn
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token")
 
 
-
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decay for weight matrices; none for norms/biases (ndim ≤ 1), pos_embed, cls_token
     and whatever a submodule's ``no_weight_decay()`` names (timm's convention, prefixed by its path)."""
