@@ -394,7 +394,8 @@ def test_damaged_checkpoints_are_named_when_none_is_left_or_one_is_asked_for(tmp
     ck2 = tmp_path / "run" / "checkpoints" / "step_0000002"
     (ck2 / "model.safetensors").unlink()
     cfg.train.steps = 4
-    with pytest.raises(HDError, match=r"no intact checkpoint .*step_0000002, is damaged \(model.safetensors is missing\)"):
+    with pytest.raises(HDError, match=r"step_0000002 is damaged \(model.safetensors is missing\), and no older "
+                                      r"checkpoint of the run is intact"):
         engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume="auto")
     with pytest.raises(HDError, match=r"checkpoint .*step_0000002 is damaged \(model.safetensors is missing\)"):
         engine.train(lambda: Toy(cfg), cfg, tmp_path / "run", resume=str(ck2))
