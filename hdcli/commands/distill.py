@@ -55,16 +55,14 @@ def register(app: typer.Typer) -> None:
         import functools
 
         from hdcli import config
-        from hdcli.commands.training import exit_if_interrupted, resolve_config
+        from hdcli.commands.training import run_training
 
-        cfg = resolve_config(functools.partial(config.load_config, config.DistillConfig), out, recipe=recipe,
-                             overrides=overrides, set_=set_, resume=resume, print_config=print_config)
-        if cfg is None:
-            return
+        def train(cfg, out, **kw):
+            from hdcli.tasks.distill import DistillTask
+            from hdcli.train import engine
 
-        from hdcli.tasks.distill import DistillTask
-        from hdcli.train import engine
+            return engine.train(lambda: DistillTask(cfg), cfg, out, **kw)
 
-        result = engine.train(lambda: DistillTask(cfg), cfg, out, resume=resume,
-                              resume_hint=f"hd distill --out {out} --resume auto", allow_config_change=allow_config_change)
-        exit_if_interrupted(result)
+        run_training(functools.partial(config.load_config, config.DistillConfig), train, command="distill", out=out,
+                     recipe=recipe, overrides=overrides, set_=set_, resume=resume, print_config=print_config,
+                     allow_config_change=allow_config_change)

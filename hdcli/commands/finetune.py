@@ -76,17 +76,15 @@ def register(app: typer.Typer) -> None:
         Example: hd finetune cifar100 --data-dir ~/data --student runs/distill --out runs/ft-cifar
         """
         from hdcli import ui
-        from hdcli.commands.training import exit_if_interrupted, resolve_config
+        from hdcli.commands.training import run_training
         from hdcli.rundir import RESULTS
         from hdcli.tasks import finetune as ft
 
-        cfg = resolve_config(ft.load_config, out, recipe=recipe, overrides={**overrides, "finetune.dataset": dataset},
-                             set_=set_, resume=resume, print_config=print_config)
-        if cfg is None:
+        result = run_training(ft.load_config, ft.finetune, command="finetune", out=out, recipe=recipe,
+                              overrides={**overrides, "finetune.dataset": dataset}, set_=set_, resume=resume,
+                              print_config=print_config, allow_config_change=allow_config_change)
+        if result is None:
             return
-        result = ft.finetune(cfg, out, resume=resume, resume_hint=f"hd finetune --out {out} --resume auto",
-                             allow_config_change=allow_config_change)
-        exit_if_interrupted(result)
         res = result["results"]
         if res and ui.is_main_process():
             ui.info(f"{res['dataset']}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% after {res['epochs']} "

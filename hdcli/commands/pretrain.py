@@ -41,18 +41,16 @@ def _common(out: str) -> tuple:
 def _run(mode: str, overrides: dict, out, recipe, resume, set_, print_config, model_kwargs,
          allow_config_change: bool) -> None:
     from hdcli import config, ui
-    from hdcli.commands.training import exit_if_interrupted, resolve_config
+    from hdcli.commands.training import run_training
     from hdcli.tasks import pretrain
 
     if model_kwargs is not None:
         overrides["student.kwargs"] = config.parse_assignments([f"k={model_kwargs}"])["k"]
-    cfg = resolve_config(functools.partial(pretrain.load_config, mode), out, recipe=recipe, overrides=overrides,
-                         set_=set_, resume=resume, print_config=print_config)
-    if cfg is None:
+    result = run_training(functools.partial(pretrain.load_config, mode), pretrain.pretrain, command=f"pretrain {mode}",
+                          out=out, recipe=recipe, overrides=overrides, set_=set_, resume=resume,
+                          print_config=print_config, allow_config_change=allow_config_change)
+    if result is None:
         return
-    result = pretrain.pretrain(cfg, out, resume=resume, resume_hint=f"hd pretrain {mode} --out {out} --resume auto",
-                               allow_config_change=allow_config_change)
-    exit_if_interrupted(result)
     ui.info(f"use it as a teacher: hd distill --teachers local-dir:{result['student']},...")
 
 

@@ -33,3 +33,18 @@ def exit_if_interrupted(result: dict) -> None:
     """After a run stopped by a signal (its checkpoint saved): exit 130 (SIGINT) or 143 (SIGTERM), as a shell would."""
     if result["interrupted"]:
         raise typer.Exit(130 if result["interrupted"] == "SIGINT" else 143)
+
+
+def run_training(load: Callable, train: Callable, *, command: str, out: Path, recipe, overrides: dict,
+                 set_: list[str] | None, resume, print_config: bool, allow_config_change: bool) -> dict | None:
+    """What ``hd distill|finetune|pretrain`` do once their flags are read: resolve the config (print it and
+    return None with ``--print-config``), ``train(cfg, out, resume=, resume_hint=, allow_config_change=)``,
+    and exit 130/143 after a signal (the checkpoint saved). Returns the engine's summary."""
+    cfg = resolve_config(load, out, recipe=recipe, overrides=overrides, set_=set_, resume=resume,
+                         print_config=print_config)
+    if cfg is None:
+        return None
+    result = train(cfg, out, resume=resume, resume_hint=f"hd {command} --out {out} --resume auto",
+                   allow_config_change=allow_config_change)
+    exit_if_interrupted(result)
+    return result

@@ -21,12 +21,10 @@ drop data): the task builds a per-rank loader and the engine moves batches to th
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +40,10 @@ from hdcli.errors import HDError
 from hdcli.rundir import CHECKPOINTS, CONFIG, CONFIG_HISTORY, TENSORBOARD, RunLock, atomic_write
 from hdcli.seeding import mix_seed, seed_all
 from hdcli.train import checkpoints as ck
+from hdcli.train.control import Guard, Signals
 from hdcli.train.log import Log, fmt_time, say
 from hdcli.train.optim import build_adamw, lr_at, scaled_lr, set_lr, total_steps
+from hdcli.train.stream import Stream
 from hdcli.train.task import Task
 
 __all__ = ["Task", "train", "to_device", "make_accelerator", "resolve_mixed_precision"]
@@ -80,7 +80,7 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
             say(f"no checkpoint in {escape(str(run_dir / CHECKPOINTS))}: starting from scratch")
         _open_run_dir(r, start, changes)
         # signals are caught until the export is written: a stop request during it waits for it to finish
-        with _Signals() as signals:
+        with Signals() as signals:
             try:
                 stopped, last_saved, log = _loop(r, start, signals, resumed=ckpt is not None)
                 return _finish(r, stopped, last_saved, log, resume_hint, signals)
@@ -94,11 +94,11 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
         _reset_accelerate()
 
 
-def _loop(r: _Run, start: int, signals: _Signals, *, resumed: bool) -> tuple[int | None, int | None, Log]:
+def _loop(r: _Run, start: int, signals: Signals, *, resumed: bool) -> tuple[int | None, int | None, Log]:
     """Optimiser steps ``start .. n_steps-1``; returns (stop signal or None, last saved step, the log)."""
     tc, oc = r.cfg.train, r.cfg.optim
-    stream = _Stream(r.loader, r.per_epoch, start * r.accum, tc.seed)
-    guard = _Guard(r)
+    stream = Stream(r.loader, r.per_epoch, start * r.accum, tc.seed)
+    guard = Guard(r)
     has_eval = type(r.task).evaluate is not Task.evaluate
     last_saved, stopped = (start if resumed else None), None
     log = Log(name=type(r.task).__name__.removesuffix("Task").lower() or "train", keys=r.task.log_keys,
@@ -132,7 +132,7 @@ def _loop(r: _Run, start: int, signals: _Signals, *, resumed: bool) -> tuple[int
     return stopped, last_saved, log
 
 
-def _forward_backward(r: _Run, stream: _Stream, step: int, log: Log) -> torch.Tensor:
+def _forward_backward(r: _Run, stream: Stream, step: int, log: Log) -> torch.Tensor:
     """The step's ``accum`` micro-batches: loss, backward (DDP syncs on the last one); returns the last loss."""
     for micro in range(r.accum):
         batch = stream.next()
@@ -160,48 +160,8 @@ def _optimizer_step(r: _Run, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return grad_norm, bad
 
 
-class _Guard:
-    """The step's control values (non-finite streak, stop request), agreed by all ranks and read one step
-    late so the host never waits for the device."""
-
-    def __init__(self, r: _Run):
-        self.r = r
-        self.streak = torch.zeros((), device=r.device)
-        self.skipped = torch.zeros((), device=r.device)
-        self.no_signal = torch.zeros((), device=r.device)  # made once: a host->device copy per step would sync
-        self.pending: torch.Tensor | None = None
-
-    def after_step(self, bad: torch.Tensor, received: int | None, done: int) -> int | None:
-        """Count this step; check the previous one's values (raise on too many non-finite steps); return the
-        signal received, if any."""
-        badf = bad.float()
-        self.streak = (self.streak + 1) * badf
-        self.skipped = self.skipped + badf
-        sig = self.no_signal if not received else torch.full((), float(received), device=self.r.device)
-        ctrl = torch.stack([self.streak, sig])
-        if self.r.world > 1:
-            torch.distributed.all_reduce(ctrl, op=torch.distributed.ReduceOp.MAX)
-        stopped = _check(self.pending, self.r, done - 1) if self.pending is not None else None
-        self.pending = ctrl
-        if done == self.r.n_steps:  # the last step: nothing comes after it to carry the check
-            _check(self.pending, self.r, done)
-            stopped = None  # a stop request at the very end: just finish (export included)
-        return stopped
-
-
-def _check(ctrl: torch.Tensor, r: _Run, step: int) -> int | None:
-    """Read a step's control values (one host sync): HDError on too many non-finite steps; the signal, if any."""
-    streak, sig = ctrl.tolist()
-    if streak > r.cfg.train.nan_tolerance:
-        good = ck.list_checkpoints(r.run_dir)
-        raise HDError(f"the loss was not finite for {int(streak)} consecutive steps (up to step {step}); "
-                      f"the run stopped" + (f", last good checkpoint {good[-1]}" if good else ""),
-                      "lower the learning rate, use bf16 rather than fp16, check the data, or raise --nan-tolerance")
-    return int(sig) or None
-
-
 def _finish(r: _Run, stopped: int | None, last_saved: int | None, log: Log, resume_hint: str | None,
-            signals: _Signals) -> dict:
+            signals: Signals) -> dict:
     """After the loop: a stopped run says where its checkpoint is; a finished one is exported (a signal that
     arrives meanwhile waits for the export and is reported with it)."""
     result = {"run_dir": str(r.run_dir), "steps": last_saved if stopped else r.n_steps, "total_steps": r.n_steps,
@@ -467,66 +427,6 @@ def to_device(batch, device: torch.device):
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
-
-
-class _Stream:
-    """Micro-batches as one stream over epochs, starting at any position; each epoch's iterator is
-    opened under a seed of (seed, epoch) so the data seen at a position never depends on the past."""
-
-    def __init__(self, loader: Iterable, per_epoch: int, start: int, seed: int):
-        self.loader, self.per_epoch, self.seed = loader, per_epoch, seed
-        self.epoch, self.index = divmod(start, per_epoch)
-        self.it: Iterator | None = None
-
-    def next(self):
-        if self.it is None or self.index >= self.per_epoch:
-            if self.it is not None:
-                self.epoch, self.index = self.epoch + 1, 0
-            self.it = self._open(self.epoch, self.index)
-        try:
-            batch = next(self.it)
-        except StopIteration:
-            raise HDError(f"the data loader ended after {self.index} batches in epoch {self.epoch}, but its len() "
-                          f"promised {self.per_epoch}", "its len() must equal the batches it yields per epoch") from None
-        self.index += 1
-        return batch
-
-    def _open(self, epoch: int, skip: int) -> Iterator:
-        set_epoch = getattr(self.loader, "set_epoch", None)
-        if callable(set_epoch):
-            if skip and "start_batch" in inspect.signature(set_epoch).parameters:
-                set_epoch(epoch, start_batch=skip)  # hdcli.data skips without decoding
-                skip = 0
-            else:
-                set_epoch(epoch)
-        seed_all(mix_seed(self.seed, 1, epoch))  # worker seeds / samplers that draw from the global RNG
-        it = iter(self.loader)
-        for _ in range(skip):  # resume mid-epoch: replay the order, skip the batches already trained on
-            next(it)
-        return it
-
-
-class _Signals:
-    """SIGTERM/SIGINT set a flag read at the next step boundary; a second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def resolve_mixed_precision(mode: str, cpu: bool = False) -> str:
