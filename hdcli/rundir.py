@@ -98,8 +98,10 @@ class RunLock:
         self.what = what
         self._fd: int | None = None
         self.took_over: str | None = None  # the holder named in a stale lock file, if one was taken over
+        self.unsupported: str | None = None  # why the file system cannot lock (the run goes on unlocked)
 
     def acquire(self) -> RunLock:
+        import errno
         import fcntl
         import socket
         import sys
@@ -110,16 +112,22 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             holder = _read_holder(fd)
             os.close(fd)
-            raise HDError(f"{self.path.parent} is in use by another run ({holder or 'holder unknown'})",
-                          "wait for it to finish, stop it, or choose another --out") from None
-        stale = _read_holder(fd)
-        self.took_over = stale or None
-        os.ftruncate(fd, 0)
-        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}: "
-                      f"{self.what} {' '.join(sys.argv[1:])}\n").encode())
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise HDError(f"{self.path.parent} is in use by another run ({holder or 'holder unknown'})",
+                              "wait for it to finish, stop it, or choose another --out") from None
+            self.unsupported = e.strerror or str(e)  # e.g. Lustre without -o flock: ENOSYS/ENOLCK
+            return self
+        try:
+            self.took_over = _read_holder(fd) or None
+            os.ftruncate(fd, 0)
+            os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%dT%H:%M:%S')}: {self.what} {' '.join(sys.argv[1:])}\n").encode())
+        except BaseException:
+            os.close(fd)  # the lock goes with it
+            raise
         self._fd = fd
         return self
 

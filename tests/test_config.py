@@ -144,3 +144,24 @@ def test_float_settings_must_be_finite(value):
         load_config(DistillConfig, overrides={"optim.lr": float(value)})
     with pytest.raises(HDError, match=r"distill.alpha must be a finite number"):
         load_config(DistillConfig, overrides=config.parse_assignments([f"distill.alpha={value}"]))
+
+
+def test_identity_changes_compare_values_not_their_spelling():
+    import tomllib
+
+    cfg = DistillConfig()
+    cfg.student.kwargs = {"embed_dim": 48, "depth": 6}
+    old = tomllib.loads(config.dump_config(cfg))
+    old["student"]["drop_path"] = 0  # hand-edited, an int
+    again = DistillConfig()
+    again.student.kwargs = {"depth": 6, "embed_dim": 48}  # the same table, another key order
+    again.student.drop_path = 0.0
+    assert config.identity_changes(again, old) == {}
+    again.distill.relation_blocks = [9, 11]
+    assert config.identity_changes(again, old) == {"distill.relation_blocks": ("[9, 10]", "[9, 11]")}
+
+
+def test_a_target_weight_must_be_finite():
+    with pytest.raises(HDError, match=r"distill.targets\[0\].weight must be a finite number ≥ 0, got nan"):
+        load_config(DistillConfig, overrides=config.parse_assignments(
+            ['distill.targets=[{teacher = "mae", kind = "features", weight = nan}]']))

@@ -440,3 +440,11 @@ def test_a_finished_run_that_only_re_exports_needs_only_the_exports_space(tmp_pa
     assert (tmp_path / "run" / "student" / "weights.pt").is_file()
     with pytest.raises(HDError, match="checkpoints and the export need about"):
         engine.train(lambda: Toy(cfg), cfg, tmp_path / "fresh")
+
+
+def test_a_second_config_change_from_the_same_step_keeps_both_histories(tmp_path):
+    kept = tmp_path / "config-history" / "until_step_0000004.toml"
+    assert engine._history_name(tmp_path, 4) == kept
+    kept.parent.mkdir()
+    kept.write_text("first")
+    assert engine._history_name(tmp_path, 4) == tmp_path / "config-history" / "until_step_0000004.2.toml"

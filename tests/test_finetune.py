@@ -354,3 +354,13 @@ def test_linear_probing_follows_a_student_that_pools_by_averaging(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True),
                                student.forward_head(student.forward_features(x), pre_logits=True))
+
+
+def test_token_pooling_of_an_averaging_student_trains_a_fresh_final_norm(tmp_path):
+    from timm.models import save_for_hf
+
+    save_for_hf(tiny_vit(seed=5, global_pool="avg"), str(tmp_path / "student"), safe_serialization=True)
+    cfg = ft.load_config(overrides={"finetune.dataset": "demo", "finetune.student": str(tmp_path / "student"),
+                                    "data.img_size": 32, "finetune.global_pool": "token"})
+    model = ft.build_model(cfg, 10)  # its fc_norm goes unused: not "does not fit its own config.json"
+    assert isinstance(model.norm, torch.nn.LayerNorm)

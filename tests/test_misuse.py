@@ -56,7 +56,7 @@ def test_one_run_per_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
             os.killpg(first.pid, signal.SIGKILL)
     third = hd(*TINY, "--steps", "2", "--out", str(out), "--resume", "auto")  # no checkpoint yet: a fresh start
     assert third.returncode == 0, third.stderr
-    assert f"took over the lock of a run that no longer runs (pid {first.pid} on " in third.stderr
+    assert f"took over a lock its earlier holder no longer holds (pid {first.pid} on " in third.stderr
 
 
 # ---------------------------------------------------------------- clear errors instead of tracebacks
@@ -176,3 +176,9 @@ def test_a_teacher_with_other_input_statistics_is_named_in_one_info_line(tmp_pat
                    "--out", str(tmp_path / "run")) == 0
     err = capfd.readouterr().err
     assert "expects inputs normalised with mean (0.5, 0.5, 0.5) and std (0.5, 0.5, 0.5)" in err
+
+
+def test_a_misspelt_model_argument_is_named_as_such(tmp_path, capfd):
+    assert hd_main(*TINY, "--set", "student.kwargs={embed_dims = 48}", "--out", str(tmp_path / "run")) == 2
+    line = one_error(capfd)
+    assert "takes no argument 'embed_dims'" in line and "student.kwargs" in line and "not a Vision" not in line

@@ -273,15 +273,29 @@ def save_config(cfg, path: str | os.PathLike, header: str = "resolved configurat
 
 def identity_changes(cfg, old: dict) -> dict[str, tuple[str, str]]:
     """The settings that define ``cfg``'s method and model (its class's ``IDENTITY``: sections or dotted keys)
-    that differ from ``old`` (a parsed config.toml of the same run): key -> (old, new) as TOML values."""
+    that differ from ``old`` (a parsed config.toml of the same run): key -> (old, new) as TOML values.
+
+    ``old`` is read through the same types first (0 and 0.0, "none" and None, lists and tuples agree), and
+    tables compare by content, not key order."""
+    import json
+
     new = to_dict(cfg)
+    try:
+        before = type(cfg)()
+        merge(before, old, "config.toml")
+        old = to_dict(before)
+    except HDError:  # a config.toml of another version: compare what it says
+        pass
+
+    def canon(v) -> str:
+        return json.dumps(v, sort_keys=True, default=str)
+
     changed = {}
     for item in getattr(type(cfg), "IDENTITY", ()):
         section, _, key = item.partition(".")
         keys = [key] if key else list(new.get(section, {}))
         for k in keys:
-            before = toml_value(old.get(section, {}).get(k))
-            after = toml_value(new.get(section, {}).get(k))
-            if before != after:
-                changed[f"{section}.{k}"] = (before, after)
+            a, b = old.get(section, {}).get(k), new.get(section, {}).get(k)
+            if canon(a) != canon(b):
+                changed[f"{section}.{k}"] = (toml_value(a), toml_value(b))
     return changed

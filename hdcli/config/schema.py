@@ -8,6 +8,7 @@ reads only ``cfg.train`` and ``cfg.optim``. Torch-free, so ``hd --help`` can rea
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,6 +178,9 @@ class MethodConfig:
                 raise HDError(f"{where}.teacher {t['teacher']!r} is not one of distill.teachers {self.teachers}",
                               did_you_mean(str(t["teacher"]), self.teachers))
             _choice(t["kind"], TARGET_KINDS, f"{where}.kind")
+            w = t.get("weight", 1.0)
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+                raise HDError(f"{where}.weight must be a finite number ≥ 0, got {w!r}")
 
 
 @dataclass

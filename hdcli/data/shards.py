@@ -6,6 +6,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from hdcli import ui
@@ -76,7 +77,13 @@ def check_tar(path: str) -> None:
 
 
 def count_samples(path: str) -> int:
-    """Samples (distinct keys) in a tar, reading headers only."""
+    """Samples (distinct keys) in a tar, reading headers only (once per file and state)."""
+    st = os.stat(path)
+    return _count_samples(path, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _count_samples(path: str, size: int, mtime: int) -> int:
     from webdataset.tariterators import base_plus_ext
 
     keys = set()

@@ -118,7 +118,7 @@ def walk_images(root: str | os.PathLike, *, warn: bool = True):
             if k is None:
                 continue
             if k in seen:
-                if warn:
+                if warn and ui.is_main_process():  # every rank walks the same folder
                     ui.warn(f"skipping {os.path.join(folder, d)}: a link to a folder already read (a loop or a "
                             "second way in); links are followed once")
                 continue
@@ -372,6 +372,19 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted((d.name for d in folder.iterdir() if d.is_dir()), key=natural_key)
 
 
+@lru_cache(maxsize=8)
+def _folder_records(folder: str, classes: tuple[str, ...] | None, stamp: tuple) -> FolderRecords:
+    """One walk per folder and state (``stamp``): the batch check and the loader share it."""
+    return FolderRecords(folder, list(classes) if classes else None)
+
+
+def _stamp(folder: Path) -> tuple:
+    """The modification times of a folder and its class folders: a file added or removed changes them."""
+    with os.scandir(folder) as it:
+        subs = sorted((e.name, e.stat().st_mtime_ns) for e in it if e.is_dir())
+    return folder.stat().st_mtime_ns, tuple(subs)
+
+
 def open_records(source: Source, split: str) -> Records:
     """Random-access records of one split of a map-style source (demo, fashion-mnist, cifar100, folder)."""
     split = _split_alias(split)
@@ -393,7 +406,7 @@ def open_records(source: Source, split: str) -> Records:
             train_classes, own = _class_dirs(root / "train"), _class_dirs(folder)
             if set(own) <= set(train_classes):
                 classes = train_classes
-        return FolderRecords(str(folder), classes)
+        return _folder_records(str(folder), tuple(classes) if classes else None, _stamp(folder))
     raise HDError(f"{source.spec} is WebDataset shards, not a folder or built-in set")
 
 

@@ -115,13 +115,24 @@ class DistillTask(Task):
                 models[name] = build_teacher(name, cfg, i)
         self.teacher_models = models  # name in distill.teachers -> frozen model (build_method's input)
         self.model = build_method(student, models, dc)
-        given = {key: name for name, m in models.items() for key, tm in self.model.teachers.items() if tm is m}
-        for key, (mean, std) in self.model.renormalised().items():  # e.g. a timm default tag's 0.5s, CLIP's
-            ui.console.print(f"teacher {given.get(key, key)!r} expects inputs normalised with mean {_fmt(mean)} and std "
-                             f"{_fmt(std)}: the ImageNet-normalised images are re-normalised for it", soft_wrap=True)
+        self._say_renormalised(models)
         self.frozen = list({id(m): m for m in self.model.teachers.values()}.values())
         # without a features target the student's last blocks/norm get no gradient: DDP must know
         self.find_unused_parameters = not any(t.kind == "features" for t in self.model.targets)
+
+    def _say_renormalised(self, models: dict[str, nn.Module]) -> None:
+        """One line per teacher (as the user named it) whose input statistics differ from the data's (e.g. a
+        timm default tag's mean = std = 0.5, or CLIP's): its inputs are re-normalised."""
+        if not ui.is_main_process():
+            return
+        given = {key: name for name, m in models.items() for key, tm in self.model.teachers.items() if tm is m}
+        said = set()
+        for key, (mean, std) in self.model.renormalised().items():
+            name = given.get(key, key)
+            if name not in said:
+                said.add(name)
+                ui.console.print(f"teacher {name!r} expects inputs normalised with mean {_fmt(mean)} and std "
+                                 f"{_fmt(std)}: the ImageNet-normalised images are re-normalised for it", soft_wrap=True)
 
     def train_loader(self, *, rank: int, world_size: int, seed: int):
         return data.augmented_loader(self.cfg.data, self.cfg.train.batch_size, rank=rank,

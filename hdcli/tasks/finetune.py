@@ -169,8 +169,10 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
                       f"e.g. --img-size {max(1, round(cfg.data.img_size / patch[0])) * patch[0]}")
     weights = _student_weights(fc.student)
     if weights is not None:  # MAE: a new classifier (and a new fc_norm for average pooling, the old norm unused)
-        teachers.check_coverage(model, weights, fresh=("head.", "fc_norm."),
-                                dropped=("head.", "norm.") if pool == "avg" else ("head.",), who="the student")
+        # token pooling of a student that pools by averaging: its fc_norm goes unused, norm is trained afresh
+        fresh, dropped = (("head.", "fc_norm."), ("head.", "norm.")) if pool == "avg" else \
+            (("head.", "norm."), ("head.", "fc_norm.")) if _own_pooling(d) == "avg" else (("head.",), ("head.",))
+        teachers.check_coverage(model, weights, fresh=fresh, dropped=dropped, who="the student")
     mode = "linear_probe" if fc.linear_probe else "finetune"
     head = model.head
     trunc_normal_(head.weight, std=HEAD_INIT_STD[mode])
@@ -185,13 +187,16 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
 def _pooling(fc, d: Path | None) -> str:
     """``finetune.global_pool``, except that linear probing follows a student that pools by averaging: its
     final norm is ``fc_norm`` (``norm`` is Identity), which token pooling would lack."""
-    if d is None or not fc.linear_probe or fc.global_pool != "token":
+    if not fc.linear_probe or fc.global_pool != "token" or _own_pooling(d) != "avg":
         return fc.global_pool
-    own = (read_json(d / "config.json") or {}).get("global_pool")
-    if own == "avg":
+    if ui.is_main_process():
         ui.info("the student pools by averaging (its final norm is fc_norm): linear probing does too")
-        return "avg"
-    return fc.global_pool
+    return "avg"
+
+
+def _own_pooling(d: Path | None) -> str | None:
+    """The global_pool a student was saved with (its config.json), None for hub names."""
+    return None if d is None else (read_json(d / "config.json") or {}).get("global_pool")
 
 
 def backbone_modules(model: nn.Module) -> list[nn.Module]:

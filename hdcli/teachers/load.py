@@ -79,9 +79,12 @@ def _create_model(tag: str, **kwargs) -> nn.Module:
         if "unexpected keyword argument" not in str(e):
             raise
         arg = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
-        raise HDError(f"{tag} is not a Vision Transformer (timm's model takes no {arg})",
-                      "hd distils, fine-tunes and analyses timm ViTs: vit_*, deit_*, *_clip_* tags, or a "
-                      "save_for_hf dir of one") from None
+        if arg in ("img_size", "patch_size", "drop_path_rate", "global_pool"):  # what hd passes to every ViT
+            raise HDError(f"{tag} is not a Vision Transformer (timm's model takes no {arg})",
+                          "hd distils, fine-tunes and analyses timm ViTs: vit_*, deit_*, *_clip_* tags, or a "
+                          "save_for_hf dir of one") from None
+        raise HDError(f"timm's {tag} takes no argument {arg!r}",
+                      "check student.kwargs / distill.teacher_kwargs (e.g. embed_dim, depth, num_heads)") from None
     except ValueError as e:
         if "source prefix" in str(e) or "model source" in str(e):
             raise HDError(str(e).splitlines()[0], "prefix a directory with local-dir:") from e

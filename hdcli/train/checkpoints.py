@@ -98,20 +98,23 @@ def damage(ckpt: Path) -> str | None:
 
 def intact(ckpt: Path, run_dir: Path, *, newest: bool) -> Path:
     """``ckpt``, or with ``newest`` (``--resume auto``) the newest intact checkpoint at or before it, each
-    damaged one skipped with a warning; HDError when none is intact."""
+    damaged one named in a warning; HDError when none is intact."""
     candidates = [c for c in list_checkpoints(run_dir) if c.name <= ckpt.name][::-1] if newest else [ckpt]
+    damaged = []
     for c in candidates or [ckpt]:
         why = damage(c)
         if why is None:
+            if ui.is_main_process():
+                for d, w in damaged:
+                    ui.warn(f"checkpoint {d.name} is damaged ({w}); resuming from {c.name}")
             return c
         if not newest:
             raise HDError(f"checkpoint {c} is damaged ({why})",
                           "resume from another checkpoint, or use --resume auto to take the newest intact one")
-        older = next((o for o in candidates if o.name < c.name), None)
-        if older is not None:
-            ui.warn(f"checkpoint {c.name} is damaged ({why}); resuming from {older.name}")
-    last = (candidates or [ckpt])[-1]
-    raise HDError(f"checkpoint {last} is damaged ({damage(last)}), and no older checkpoint of the run is intact",
+        damaged.append((c, why))
+    first, why = damaged[0]
+    more = f" (and {len(damaged) - 1} older ones)" if len(damaged) > 1 else ""
+    raise HDError(f"checkpoint {first} is damaged ({why}){more}, and no older checkpoint of the run is intact",
                   "start a new --out, or delete the damaged checkpoints to start afresh")
 
 

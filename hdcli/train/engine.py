@@ -67,6 +67,8 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
     locks: list[RunLock] = []
     try:
         run_dir = Path(run_dir).resolve()
+        if run_dir.is_dir():  # a live run's dir: refuse before reading its checkpoints or building any model
+            _lock(run_dir, locks)
         ckpt = ck.find_checkpoint(resume, run_dir)
         if ckpt is not None:  # a damaged newest checkpoint falls back to the one before (--resume auto)
             ckpt = ck.intact(ckpt, run_dir, newest=str(resume) == "auto")
@@ -124,6 +126,8 @@ def _loop(r: _Run, start: int, signals: Signals, *, resumed: bool) -> tuple[int 
                     rec.update(r.task.evaluate(r.accelerator.unwrap_model(r.wrapped), r.accelerator, epochs_done - 1) or {})
                     _train_mode(r)
                 log.write(rec)
+            if done == r.n_steps:
+                _check_finite(r)  # before the last save: a non-finite model is neither saved last nor exported
             if stopped or done % tc.save_every == 0 or done == r.n_steps:
                 _save(r, done)
                 last_saved = done
@@ -259,12 +263,10 @@ def _setup(make_task: Callable[[], Task], cfg, run_dir: Path, locks: list[RunLoc
     task = make_task()  # before any distributed set-up: a bad name or path fails fast
     try:
         run_dir.mkdir(parents=True, exist_ok=True)  # after it: a typo leaves no empty run dir behind
-        if ui.is_main_process():  # one lock per launch: its other ranks are the same run
-            locks.append(RunLock(run_dir, "hd").acquire())
+        if not locks:
+            _lock(run_dir, locks)
     except OSError as e:
         raise ck.unwritable(run_dir, e) from None
-    if locks and locks[0].took_over:
-        ui.warn(f"took over the lock of a run that no longer runs ({escape(locks[0].took_over)})")
     accelerator = make_accelerator(tc, run_dir, find_unused_parameters=task.find_unused_parameters)
     device, world = accelerator.device, accelerator.num_processes
     if device.type == "cuda":
@@ -318,6 +320,18 @@ def _setup(make_task: Callable[[], Task], cfg, run_dir: Path, locks: list[RunLoc
                 optimizer=optimizer, fp16=accelerator.scaler is not None)
 
 
+def _lock(run_dir: Path, locks: list[RunLock]) -> None:
+    """The run dir's lock, taken by the main process of the launch (its other ranks are the same run)."""
+    if not ui.is_main_process():
+        return
+    lock = RunLock(run_dir, "hd").acquire()
+    locks.append(lock)
+    if lock.took_over:
+        ui.warn(f"took over a lock its earlier holder no longer holds ({escape(lock.took_over)})")
+    if lock.unsupported:
+        ui.warn(f"cannot lock {escape(str(run_dir))} ({lock.unsupported}): two runs on it would not be detected")
+
+
 def _restore(r: _Run, ckpt: Path) -> int:
     """Load checkpoint ``ckpt`` (weights, optimiser moments; hyperparameters stay the config's); its step."""
     state = ck.read_state(ckpt)
@@ -361,13 +375,23 @@ def _config_changes(cfg, run_dir: Path, allowed: bool) -> dict[str, tuple[str, s
     return changes
 
 
+def _history_name(run_dir: Path, step: int) -> Path:
+    """``config-history/until_step_N.toml``; a second change resumed from the same step never overwrites it."""
+    base = run_dir / CONFIG_HISTORY / f"until_{ck.checkpoint_name(step)}"
+    path, k = base.with_suffix(".toml"), 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}.{k}.toml")
+    return path
+
+
 def _open_run_dir(r: _Run, start: int, changes: dict[str, tuple[str, str]]) -> None:
     """The main process writes config.toml (keeping the previous segment's when ``changes``), trims
     metrics.jsonl to ``start``, clears interrupted saves and checks free space; then every rank waits."""
     if r.main:
         try:
             if changes:
-                kept = r.run_dir / CONFIG_HISTORY / f"until_{ck.checkpoint_name(start)}.toml"
+                kept = _history_name(r.run_dir, start)
                 atomic_write(kept, (r.run_dir / CONFIG).read_text())
             save_config(r.cfg, r.run_dir / CONFIG)
             ck.trim_metrics(r.run_dir, start)
