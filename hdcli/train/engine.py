@@ -181,7 +181,6 @@ def _finish(r: _Run, stopped: int | None, last_saved: int | None, log: Log, resu
     else:
         if last_saved != r.n_steps:  # the loop saves its last step; this only covers an empty loop
             _save(r, r.n_steps)
-        _check_finite(r)
         result["student"] = str(ck.export(r.task, r.accelerator, r.accelerator.unwrap_model(r.wrapped), r.run_dir))
         if r.main:
             loss_txt = f"; loss {log.first_loss:.4f} → {log.last_loss:.4f}" if log.first_loss is not None else ""
