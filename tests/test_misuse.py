@@ -29,6 +29,13 @@ def steps_logged(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def start_distill(out: Path, *args: str) -> subprocess.Popen:
+    """A 400-step tiny ``hd distill`` in its own process group, logging every step (killed by the test)."""
+    return subprocess.Popen([sys.executable, "-m", "hdcli", *TINY, "--steps", "400", "--log-every", "1", *args,
+                             "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
 def wait_for(cond, what: str, proc: subprocess.Popen, limit: float = 300) -> None:
     deadline = time.monotonic() + limit
     while not cond():
@@ -39,9 +46,7 @@ def wait_for(cond, what: str, proc: subprocess.Popen, limit: float = 300) -> Non
 
 def test_one_run_per_dir_and_a_killed_runs_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "hdcli", *TINY, "--steps", "400", "--log-every", "1",
-                              "--save-every", "1000", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = start_distill(out, "--save-every", "1000")
     try:
         wait_for(lambda: (out / "metrics.jsonl").is_file() and len(steps_logged(out)) >= 2, "logged step", first)
         second = hd(*TINY, "--steps", "4", "--out", str(out), "--resume", "auto")
@@ -148,9 +153,7 @@ def test_a_batch_larger_than_the_data_is_refused_before_any_model(tmp_path, capf
 
 def test_two_ctrl_c_in_a_row_exit_130_saying_what_is_on_disk(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "hdcli", *TINY, "--steps", "400", "--log-every", "1",
-                             "--save-every", "3", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_distill(out, "--save-every", "3")
     try:
         wait_for(lambda: (out / "metrics.jsonl").is_file() and len(steps_logged(out)) >= 4, "4 logged steps", proc)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group

@@ -250,14 +250,20 @@ def _results(run: Path) -> dict | None:
     return read_json(run / RESULTS)
 
 
-def summary_rows(out: Path) -> list[dict]:
-    """One row per model: linear-probe and fine-tune top-1 (last epoch) and the analysis numbers."""
+def read_analysis(out: Path) -> dict[str, dict]:
+    """metric -> {model: entry} from ``<out>/analysis/{head_distance,nmi}.json`` ({} for a missing file)."""
     analysis = {}
     for metric in ("head_distance", "nmi"):
         try:
             analysis[metric] = json.loads((out / "analysis" / f"{metric}.json").read_text())["models"]
         except (OSError, ValueError, KeyError):
             analysis[metric] = {}
+    return analysis
+
+
+def summary_rows(out: Path) -> list[dict]:
+    """One row per model: linear-probe and fine-tune top-1 (last epoch) and the analysis numbers."""
+    analysis = read_analysis(out)
     rows = []
     for name in MODELS:
         lp, ft = _results(out / "eval" / f"{name}-probe"), _results(out / "eval" / f"{name}-finetune")

@@ -120,12 +120,7 @@ def _mean_std(values: list[float]) -> tuple[float, float] | None:
 
 
 def summary(out: Path, seeds: list[int], rows: list[str], scale: Scale) -> dict:
-    entries = {}
-    for metric in ("head_distance", "nmi"):
-        try:
-            entries[metric] = json.loads((out / "analysis" / f"{metric}.json").read_text())["models"]
-        except (OSError, ValueError, KeyError):
-            entries[metric] = {}
+    entries = demo.read_analysis(out)
     res = {}
     for key in ["mae", "sup", *rows]:
         r: dict = {"label": ROWS[key]["label"] if key in ROWS else demo.LABELS[key]}
