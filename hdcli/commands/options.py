@@ -93,8 +93,9 @@ def with_options(cls, *opts: Opt | inspect.Parameter):
     """Add ``opts`` to a Typer command. ``Opt``s arrive as ``overrides`` {config key: value or None}; plain
     ``inspect.Parameter``s (see :func:`run_options`) arrive as keyword arguments of their own."""
     def decorate(fn):
+        made = cls()  # the command's defaults, built once for all its options' help
         bound = [o for o in opts if isinstance(o, Opt)]
-        extra = [o.parameter(cls) if isinstance(o, Opt) else o for o in opts]
+        extra = [o.parameter(lambda: made) if isinstance(o, Opt) else o for o in opts]
         given = {o.name for o in opts if isinstance(o, inspect.Parameter)}
         # the command names the plain parameters it receives; their declarations come from ``opts``
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
