@@ -29,6 +29,7 @@ from hdcli.config import RELATION_HEADS
 from hdcli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from hdcli.errors import HDError, did_you_mean
 from hdcli.models import vit
+from hdcli.watch import signals as watch
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,15 @@ class Target:
 @dataclass
 class DistillOutput:
     """loss = loss_feat + loss_rel (both already weighted); keep [B, n] kept patch indices (ascending,
-    0-based, CLS excluded); parts: unweighted loss of each target by name."""
+    0-based, CLS excluded); parts: unweighted loss of each target by name; signals: per-target signals
+    (``Distiller.detail``), e.g. ``cos/<target>`` and ``attn/<target>/<block>``."""
 
     loss: torch.Tensor
     loss_feat: torch.Tensor
     loss_rel: torch.Tensor
     keep: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # a pytree node, so that DDP (find_unused_parameters / static_graph) and torch.compile see its tensors
@@ -206,7 +209,9 @@ class Distiller(nn.Module):
         relation_heads: "match" (head counts must agree) or "mean" (average R over heads on both sides).
         input_mean, input_std: the statistics the input images are normalised with (ImageNet).
 
-    ``forward(images)`` returns a ``DistillOutput``. Teachers run under ``torch.no_grad`` (not
+    ``forward(images)`` returns a ``DistillOutput``. With ``detail = True`` it also holds the per-target
+    signals (``hdcli.watch.signals``: cosine of each feature-like target, attention agreement of each
+    relation block), computed under ``no_grad`` from the step's own tensors. Teachers run under ``torch.no_grad`` (not
     ``inference_mode``: their outputs — keep indices, targets — are used by autograd ops of the student
     that save them for backward, which inference tensors forbid, and ``no_grad`` traces in
     ``torch.compile`` without graph breaks). The module never changes dtype or enters autocast itself;
@@ -237,6 +242,7 @@ class Distiller(nn.Module):
             raise HDError("no distillation targets", "give at least one Target(teacher, kind, blocks, weight)")
         self.relation_heads = relation_heads
         self.beta = float(beta)
+        self.detail = False  # also compute the per-target signals (logged steps only)
         self.student = student
         self.grid = tuple(int(g) for g in student.patch_embed.grid_size)
         self.num_patches = self.grid[0] * self.grid[1]
@@ -419,7 +425,39 @@ class Distiller(nn.Module):
             else:
                 loss_rel = loss_rel + t.weight * part
         return DistillOutput(loss=loss_feat + loss_rel, loss_feat=loss_feat, loss_rel=loss_rel, keep=targets.keep,
-                             parts=parts)
+                             parts=parts, signals=self._signals(student, targets) if self.detail else {})
+
+    def _signals(self, student: dict, targets: TeacherTargets) -> dict[str, torch.Tensor]:
+        """``cos/<target>``: cosine of the student head's output and a feature-like target (mean over its
+        blocks); ``attn/<target>/<block>``: attention agreement of student and teacher at a relation block."""
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for t in self.targets:
+                if t.feature_like:
+                    out[f"cos/{t.name}"] = sum(
+                        watch.cosine(self.heads[_head_key(t, bt)](student[(t.name, bs)]), targets.values[(t.name, bt)])
+                        for bt, bs in t.pairs) / len(t.pairs)
+                    continue
+                tm = self._teachers[t.teacher].model
+                for bt, bs in t.pairs:
+                    out[f"attn/{t.name}/{bs}"] = watch.attention_agreement(
+                        student[(t.name, bs)], targets.values[(t.name, bt)], float(self.student.blocks[bs].attn.scale),
+                        float(tm.blocks[bt].attn.scale))
+        return out
+
+    @property
+    def shared_block(self) -> int:
+        """The deepest student block every target's loss depends on through all of its parameters (-1: only
+        the embedding): the block at which ``hdcli.watch.signals.grad_shares`` compares the targets. A tap
+        entering block i depends fully on blocks < i, one leaving it on blocks ≤ i, the features on all."""
+        last = {"enter": lambda b: b - 1, "leave": lambda b: b, "final": lambda b: vit.depth(self.student) - 1}
+        return min(last[TAPS[t.kind].at](bs) for t in self.targets for _, bs in t.pairs)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of :attr:`shared_block` (the patch embedding when it is -1)."""
+        b = self.shared_block
+        module = self.student.blocks[b] if b >= 0 else self.student.patch_embed
+        return [p for p in module.parameters() if p.requires_grad]
 
     def _heads_of(self, r: torch.Tensor) -> torch.Tensor:
         return head_mean(r) if self.relation_heads == "mean" else r

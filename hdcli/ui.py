@@ -64,3 +64,13 @@ def world_size() -> int:
 def flush() -> None:
     sys.stderr.flush()
     sys.stdout.flush()
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (PNG files, no display), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

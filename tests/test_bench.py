@@ -146,11 +146,17 @@ def test_compare_alternates_with_the_all_tokens_method(tiny_bench):
 
 @pytest.mark.slow
 def test_cli_bench_distill_json(hd):
-    res = hd("bench", "distill", *TINY_ARGS, "--batch-size", "2", "--steps", "1", "--warmup", "1", "--gemm-size",
-             "64", "--json", env={"OMP_NUM_THREADS": "1"})
+    res = hd("bench", "distill", *TINY_ARGS, "--batch-size", "2", "--steps", "2", "--warmup", "1", "--gemm-size",
+             "64", "--signals", "--json", env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["config"]["student"] == "vit_base_patch16_224" and out["breakdown_ms"]["student"] > 0
+    # --signals: odd steps are logged steps (per-target signals): their ratio to the neighbouring plain steps
+    sig, s = out["signals"], out["samples_ms"]
+    assert len(s["signals_step"]) == len(s["step"]) == 2
+    assert sig["signals_step_over_step"] == pytest.approx(statistics.median(
+        y / x for x, y in zip(s["step"], s["signals_step"], strict=True)), rel=1e-6)
+    assert sig["overhead_at_log_every_50"] == pytest.approx((sig["signals_step_over_step"] - 1) / 50)
 
 
 def test_unknown_teacher_names_the_registry_and_suggests():

@@ -74,13 +74,16 @@ def test_quick_demo_report_has_every_section(quick_run):
     out, r, _ = quick_run
     report = (out / "report.md").read_text()
     for section in ("# hd demo report", "## Results (in the shape of the paper's Table 1)", "## Setup",
-                    "## Attention analysis", "## Stages", "## Reading it"):
+                    "## Watching the distillation", "## Attention analysis", "## Stages", "## Reading it"):
         assert section in report, section
     for label in demo.LABELS.values():
         assert re.search(rf"^\| {re.escape(label)} \|", report, re.M), label
     for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
         assert (out / image).is_file(), image
-    assert len(re.findall(r"!\[", report)) == 2
+    assert len(re.findall(r"!\[", report)) == 3 and "](student/plots/knn.png)" in report
+    # the k-NN curve: the student at steps 0, 2, 4 (QUICK: every 2 of 4 steps) and both teachers' lines
+    assert re.findall(r"^\| (\d+) \| \d", report, re.M) == ["0", "2", "4"]
+    assert re.search(r"^\| teacher mae \| \d", report, re.M) and re.search(r"^\| teacher sup \| \d", report, re.M)
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def test_resume_n_plus_n_equals_2n(tmp_path, teacher_dirs):
 @pytest.mark.slow
 def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path, teacher_dirs):
     one, two = tmp_path / "one", tmp_path / "two"
-    common = ("--steps", "6", "--log-every", "1", "--drop-path", "0")
+    common = ("--steps", "6", "--log-every", "1", "--drop-path", "0", "--eval-every", "6", "--eval-samples", "101,51")
     r1 = run_hd(*distill_args(teacher_dirs, one, "-b", "16", *common))
     assert r1.returncode == 0, r1.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
@@ -137,8 +137,12 @@ def test_two_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path, teache
                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "2 process(es), global batch 16" in r2.stderr and r2.stderr.count("done: 6 steps") == 1
-    l1, l2 = [x["loss"] for x in metrics(one)], [x["loss"] for x in metrics(two)]
+    l1, l2 = [x["loss"] for x in metrics(one) if "loss" in x], [x["loss"] for x in metrics(two) if "loss" in x]
     assert len(l1) == len(l2) == 6 and max(abs(a - b) for a, b in zip(l1, l2, strict=True)) <= 1e-4
+    # the k-NN evaluation, sharded over the ranks (101 bank and 51 query images: uneven shares) and gathered,
+    # gives the 1-process numbers: at step 0 (the same weights) exactly, for the student and both teachers
+    k1, k2 = ({k: v for k, v in metrics(run)[0].items() if k.startswith("knn/")} for run in (one, two))
+    assert len(k1) == 6 and k1 == k2
 
     # and the two ranks read different samples: their batches split the single process's batch
     import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-COMMANDS: list[str] = ["teachers", "pretrain", "distill", "finetune", "analyze", "export", "data", "bench", "reproduce", "report", "demo"]
+COMMANDS: list[str] = ["teachers", "pretrain", "distill", "finetune", "analyze", "plot", "export", "data", "bench", "reproduce", "report", "demo"]
 
 
 def register_all(app) -> None:

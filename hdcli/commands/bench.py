@@ -41,6 +41,9 @@ def distill(
     compare_drop_ratio: Annotated[float | None, typer.Option(
         "--compare-drop-ratio", help="Alternate the engine's steps with the same method at this drop ratio (e.g. 0) "
         "and report the ratio of neighbouring steps.", rich_help_panel=RUN_PANEL, show_default=False)] = None,
+    signals: Annotated[bool, typer.Option(
+        "--signals", help="Alternate the engine's steps with and without the per-target signals (a logged step "
+        "of hd distill) and report their ratio and its overhead at --log-every 50.", rich_help_panel=RUN_PANEL)] = False,
     masking: Annotated[str, typer.Option("--masking", help="progressive | direct | random | none.",
                                          rich_help_panel=RUN_PANEL)] = "progressive",
     dtype: Annotated[str | None, typer.Option(
@@ -100,7 +103,8 @@ def distill(
         raise HDError(f"--teachers needs two names (MIM teacher first), got {teachers!r}", "e.g. --teachers mae,clip")
     cfg = bench.DistillBench(
         student=student, teachers=(names[0], names[1]), batch_size=batch_size, drop_ratio=drop_ratio,
-        masking=masking, compare_drop_ratio=compare_drop_ratio, dtype=dtype, compile=compile, steps=steps, warmup=warmup, img_size=img_size,
+        masking=masking, compare_drop_ratio=compare_drop_ratio, signals=signals, dtype=dtype, compile=compile,
+        steps=steps, warmup=warmup, img_size=img_size,
         patch_size=patch_size, depth=depth, dim=dim, heads=heads, relation_heads=relation_heads, cpu=cpu,
         peak_tflops=peak, breakdown=breakdown, reference=reference, gemm=gemm, gemm_size=gemm_size,
         interleave=interleave, sync_debug=sync_debug)
@@ -138,6 +142,11 @@ def _print_distill(res: dict) -> None:
                   f"keep {cmp['n_keep']}/{c['n_patches']}, {cmp['gflops_per_image']:.2f} GFLOP/image")
         t.add_row("  step / that step", f"{cmp['step_over_compare']:.3f}",
                   f"FLOP model {res['gflops_per_image'] / cmp['gflops_per_image']:.3f}; neighbouring steps")
+    if "signals" in res:
+        sig = res["signals"]
+        t.add_row("step with per-target signals", f"{sig['step_ms']:.1f} ms", "a logged step of hd distill")
+        t.add_row("  that step / step", f"{sig['signals_step_over_step']:.3f}",
+                  f"{100 * sig['overhead_at_log_every_50']:.2f}% of the step at --log-every 50; neighbouring steps")
     if "mim_over_timm" in res:
         t.add_row("timm forward, MIM blocks", f"{res['reference_ms']['timm_blocks']:.1f} ms", "all tokens, no keep set")
         t.add_row("  MIM teacher / timm", f"{res['mim_over_timm']:.3f}", "cost of keep set + relations")

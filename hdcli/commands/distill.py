@@ -12,6 +12,7 @@ from hdcli.commands.options import (
     CHECKPOINTS,
     DATA_OPTS,
     DATA_SOURCE,
+    EVAL,
     METHOD,
     MODEL,
     TRAIN,
@@ -40,6 +41,14 @@ OPTIONS = (
     Opt("distill.alpha", ("--alpha",), "Weight of the relation loss.", METHOD, float),
     Opt("distill.relation_heads", ("--relation-heads",), "match | mean (average relations over heads).", METHOD),
     DATA_SOURCE, *DATA_OPTS, *TRAIN, *CHECKPOINTS,
+    Opt("eval.every", ("--eval-every",), "Steps between k-NN evaluations of the student (0: off) (default: every "
+        "epoch; off in --steps runs).", EVAL, int),
+    Opt("eval.data", ("--eval-data",), "Source of the k-NN eval set, anything --data takes (default: --data; "
+        "queries from its val split, or held-out train images).", EVAL),
+    Opt("eval.samples", ("--eval-samples",), "BANK[,QUERIES] images of the k-NN eval set (default: min(10000, "
+        "N/10) and min(5000, N/20) of N train images).", EVAL),
+    Opt("eval.signals", ("--signals/--no-signals",), "Per-target loss, gradient share, cosine and attention "
+        "agreement on logged steps.", EVAL, bool),
 )
 
 

@@ -23,8 +23,9 @@ from typing import Annotated, Any
 
 import typer
 
-RUN, MODEL, METHOD, DATA, AUG, OBJ, TRAIN_PANEL, CKPT = (
-    "Run", "Model", "Method", "Data", "Augmentation", "Objective", "Training", "Checkpoints and logs")
+RUN, MODEL, METHOD, DATA, AUG, OBJ, TRAIN_PANEL, CKPT, EVAL = (
+    "Run", "Model", "Method", "Data", "Augmentation", "Objective", "Training", "Checkpoints and logs",
+    "Watching the run")
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,10 @@ CHECKPOINTS = (
     Opt("train.log_every", ("--log-every",), "Steps between metrics lines.", CKPT, int),
     Opt("train.nan_tolerance", ("--nan-tolerance",), "Consecutive non-finite steps skipped before the run stops.",
         CKPT, int),
-    Opt("train.tensorboard", ("--tensorboard",), "Also log to <out>/tensorboard.", CKPT, bool),
+    Opt("train.tensorboard", ("--tensorboard",), "Also log to <out>/tensorboard (= --tracker tensorboard).", CKPT, bool),
+    Opt("train.trackers", ("--tracker",), "Trackers, comma-separated: tensorboard, wandb (main process; wandb "
+        "writes <out>/wandb, also with WANDB_MODE=offline).", CKPT),
+    Opt("train.plot", ("--plot/--no-plot",), "Write <out>/plots/*.png (hd plot) when the run ends.", CKPT, bool),
 )
 
 

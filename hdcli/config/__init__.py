@@ -37,8 +37,10 @@ from hdcli.config.schema import (
     SUPERVISED_DEFAULTS,
     TARGET_KEYS,
     TARGET_KINDS,
+    TRACKERS,
     DataConfig,
     DistillConfig,
+    EvalConfig,
     FinetuneConfig,
     FinetuneSection,
     MethodConfig,
@@ -54,8 +56,8 @@ from hdcli.config.schema import (
 
 __all__ = [
     "ERASE_MODES", "FT_DATASETS", "GLOBAL_POOLS", "LINEAR_PROBE_DEFAULTS", "MASKING", "MIXED_PRECISION",
-    "MIXUP_MODES", "MODES", "RELATION_HEADS", "SUPERVISED_DEFAULTS", "TARGET_KEYS", "TARGET_KINDS", "DataConfig",
-    "DistillConfig", "FinetuneConfig", "FinetuneSection", "MethodConfig", "OptimConfig", "PretrainConfig",
+    "MIXUP_MODES", "MODES", "RELATION_HEADS", "SUPERVISED_DEFAULTS", "TARGET_KEYS", "TARGET_KINDS", "TRACKERS", "DataConfig",
+    "DistillConfig", "EvalConfig", "FinetuneConfig", "FinetuneSection", "MethodConfig", "OptimConfig", "PretrainConfig",
     "PretrainSection", "StudentConfig", "TrainConfig", "_choice", "apply_overrides", "coerce", "dump_config",
     "from_dict", "identity_changes", "load_config", "load_finetune", "load_pretrain", "merge", "parse_assignments", "read_toml",
     "save_config", "sections", "to_dict", "toml_value", "valid_keys", "validate",

@@ -21,6 +21,7 @@ MASKING = ("progressive", "direct", "random", "none")
 RELATION_HEADS = ("match", "mean")
 TARGET_KINDS = ("features", "relations", "block", "msa")
 TARGET_KEYS = ("teacher", "kind", "blocks", "weight", "student_blocks", "name")
+TRACKERS = ("tensorboard", "wandb")
 
 
 # ---------------------------------------------------------------- sections shared by every training command
@@ -40,8 +41,15 @@ class TrainConfig:
     save_every: int = 1000  # optimiser steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in <run>/checkpoints
     log_every: int = 50  # optimiser steps between metrics lines (the only host syncs of the loop)
-    tensorboard: bool = False  # also log to <run>/tensorboard through Accelerate's tracker
+    tensorboard: bool = False  # also log to <run>/tensorboard through Accelerate's tracker (= trackers += tensorboard)
+    trackers: list[str] = field(default_factory=list)  # tensorboard | wandb (Accelerate's trackers, main process)
+    plot: bool = True  # write <run>/plots/*.png (hd plot) when the run ends
     nan_tolerance: int = 10  # consecutive non-finite steps skipped before the run stops with an error
+
+    @property
+    def all_trackers(self) -> list[str]:
+        """``trackers``, with tensorboard added when ``tensorboard`` is set."""
+        return list(dict.fromkeys([*self.trackers, *(["tensorboard"] if self.tensorboard else [])]))
 
     def validate(self) -> None:
         _positive(self, "train", "batch_size", "accum_steps", "epochs", "save_every", "keep_checkpoints", "log_every")
@@ -50,6 +58,8 @@ class TrainConfig:
         _choice(self.mixed_precision, MIXED_PRECISION, "train.mixed_precision")
         if self.nan_tolerance < 0:
             raise HDError(f"train.nan_tolerance must be ≥ 0, got {self.nan_tolerance}")
+        for t in self.trackers:
+            _choice(t, TRACKERS, "train.trackers")
 
 
 @dataclass
@@ -184,6 +194,36 @@ class MethodConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``[eval]``: watching a distillation while it runs (docs/distill.md "Watching a run"): k-NN top-1 of the
+    student (and once of each teacher), a head-distance / NMI probe, and per-target signals on logged steps."""
+
+    every: int | None = None  # steps between k-NN evaluations; None: every epoch (off in --steps runs); 0: off
+    max_share: float = 0.05  # every-epoch schedule: an epoch's evaluation is skipped while it would take the
+    #                          evaluations above this share of the run's wall time (the last step always evaluates)
+    data: str | None = None  # any --data source (default: data.source); queries from its val split if it has one
+    samples: list[int] | None = None  # [bank, queries]; default min(10000, N/10) and min(5000, N/20) of N train images
+    k: int = 20  # neighbours (DINO's eval_knn)
+    temperature: float = 0.07  # vote weight exp(similarity / T)
+    probe_images: int = 64  # images of the head-distance / NMI probe at each evaluation (0: off)
+    signals: bool = True  # per-target loss, gradient share, cosine and attention agreement on logged steps
+
+    def validate(self) -> None:
+        if self.every is not None and self.every < 0:
+            raise HDError(f"eval.every must be ≥ 0 steps, got {self.every}", "0 turns the evaluation off")
+        if self.samples is not None and (not 1 <= len(self.samples) <= 2 or min(self.samples) < 1):
+            raise HDError(f"eval.samples is [bank, queries] (positive counts), got {self.samples}",
+                          "e.g. --eval-samples 10000,5000")
+        _positive(self, "eval", "k", "temperature", "max_share")
+        if self.probe_images < 0:
+            raise HDError(f"eval.probe_images must be ≥ 0, got {self.probe_images}")
+
+    def active(self, steps: int | None) -> bool:
+        """Whether the run evaluates: ``every`` > 0, or unset in a run sized in epochs (not ``--steps``)."""
+        return bool(self.every) if self.every is not None else steps is None
+
+
+@dataclass
 class DistillConfig:
     """``hd distill``: every setting of a run. Defaults = the paper's main setting (METHOD.md)."""
 
@@ -192,6 +232,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: MethodConfig = field(default_factory=MethodConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # what defines the method and the model: a resume may not change it (``--allow-config-change``)
     IDENTITY = ("student", "distill", "data.img_size")

@@ -343,6 +343,14 @@ class Loader:
             produced += 1
             yield self._empty()
 
+    def close(self) -> None:
+        """Stop the DataLoader's persistent workers now. They ignore SIGTERM (``_worker_init``), so a loader still
+        alive when the interpreter exits would leave multiprocessing's exit handler waiting for them."""
+        it = getattr(getattr(self, "_dl", None), "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+            self._dl._iterator = None
+
     def _check_complete(self, seen: int) -> None:
         """After a whole epoch: hook for loaders that know how many samples it must have read."""
 

@@ -411,6 +411,26 @@ def open_records(source: Source, split: str) -> Records:
 
 
 
+def has_split(source: str | os.PathLike | None, split: str) -> bool:
+    """Whether ``source`` holds a split of its own named ``split`` (``val`` also finds validation/ and test/);
+    a source without one serves its whole data for every split (with a warning)."""
+    from hdcli.data.shards import _info_split, _is_shard_name, read_info
+
+    src = parse_source(source)
+    names = SPLIT_DIRS.get(_split_alias(split), (_split_alias(split),))
+    if src.kind in ("demo", "fashion-mnist", "cifar100"):
+        return True
+    root = Path(src.path)
+    if src.kind == "folder":
+        return any((root / n).is_dir() for n in names)
+    if not root.is_dir():
+        return False  # a shard pattern names the files of one split
+    if _info_split(read_info(root), split) is not None:
+        return True
+    return any(_is_shard_name(f.name) and f.name.startswith(tuple(f"{n}{c}" for n in names for c in "-_"))
+               for f in root.iterdir())
+
+
 def sample_images(source: str | os.PathLike | None, n: int, *, split: str = "val", seed: int = 0) -> list[Image.Image]:
     """``n`` readable RGB images of ``split`` (original size), a seeded random choice; fewer if the split
     is smaller. For shards: the first readable samples of the shards in a seeded order."""

@@ -56,13 +56,15 @@ class Scale:
     finetune_epochs: int = 6
     epoch_steps: int | None = None  # batches per epoch of the probe / fine-tune runs (None: a full pass)
     analysis_images: int = 64
+    eval_every: int = 100  # distill steps between k-NN evaluations of the student (docs/distill.md "Watching a run")
+    eval_samples: tuple[int, int] = (1437, 360)  # the whole demo train split as the bank, the val split as queries
     num_workers: int = 1
     source: str = "demo"  # training data of every stage: demo | fashion-mnist[:DIR]
 
 
 FULL = Scale()
 QUICK = Scale(mae_steps=4, sup_steps=4, distill_steps=4, probe_epochs=1, finetune_epochs=1, epoch_steps=2,
-              analysis_images=8)
+              analysis_images=8, eval_every=2, eval_samples=(200, 100))
 
 
 @dataclass
@@ -103,7 +105,8 @@ def distill_overrides(teachers: list[str], scale: Scale, seed: int = 0, **distil
     o = {**_common(scale, seed), "student.arch": "vit_base_patch16_224", "student.patch_size": scale.patch_size,
          "student.kwargs": dict(scale.model), "student.drop_path": 0.0, "train.steps": scale.distill_steps,
          "optim.warmup_steps": _warmup(scale.distill_steps), "distill.teachers": teachers, "distill.masking": "progressive",
-         "distill.relation_blocks": list(scale.relation_blocks), "distill.mask_blocks": list(scale.mask_blocks)}
+         "distill.relation_blocks": list(scale.relation_blocks), "distill.mask_blocks": list(scale.mask_blocks),
+         "eval.every": scale.eval_every, "eval.samples": list(scale.eval_samples)}
     o.update({f"distill.{k}": v for k, v in distill.items()})
     return o
 
@@ -351,6 +354,15 @@ def write_report(out: Path, scale: Scale, log: dict[str, dict], *, quick: bool =
         f"({scale.finetune_epochs} epochs) on the train split, scored on the held-out split; "
         f"`hd analyze` on {scale.analysis_images} held-out images.",
         "",
+        "## Watching the distillation",
+        "",
+        f"k-NN top-1 (k = 20, cosine, DINO's weighted vote) of the student's CLS and average-pooled features every "
+        f"{scale.eval_every} steps of `hd distill`, bank = {scale.eval_samples[0]} train images, queries = "
+        f"{scale.eval_samples[1]} held-out images; the teachers once, dashed (docs/distill.md \"Watching a run\"):",
+        "",
+        "![k-NN during distillation](student/plots/knn.png)",
+        "",
+        *knn_table(out / "student"),
         "## Attention analysis",
         "",
         "Average head distance per block (dots: heads, line: mean over heads):",
@@ -386,6 +398,26 @@ def write_report(out: Path, scale: Scale, log: dict[str, dict], *, quick: bool =
         "",
     ]
     return atomic_write(out / REPORT, "\n".join(lines))
+
+
+def knn_table(run: Path) -> list[str]:
+    """The k-NN numbers of a distill run's metrics.jsonl as markdown lines: the student at each evaluation, then
+    the teachers (recorded once)."""
+    from hdcli.watch.plot import read_metrics
+
+    try:
+        recs = read_metrics(run)
+    except HDError:
+        return ["(no metrics.jsonl: the distill stage did not run)", ""]
+    evals = [r for r in recs if "knn/student_cls" in r]
+    teachers = sorted({k.removeprefix("knn/").rsplit("_", 1)[0] for r in recs for k in r
+                       if k.startswith("knn/") and not k.startswith("knn/student_")})
+    lines = ["| Step | " + " | ".join(f"student {w}" for w in ("CLS", "avg")) + " |", "| --- | --- | --- |"]
+    lines += [f"| {r['step']} | {r['knn/student_cls']:.1f} | {r.get('knn/student_avg', float('nan')):.1f} |" for r in evals]
+    first = recs[0] if recs else {}
+    lines += [f"| teacher {t} | {first.get(f'knn/{t}_cls', float('nan')):.1f} | "
+              f"{first.get(f'knn/{t}_avg', float('nan')):.1f} |" for t in teachers]
+    return [*lines, ""]
 
 
 def print_table(out: Path, scale: Scale) -> None:

@@ -13,7 +13,9 @@ without pretrained weights; distilling from them teaches nothing useful.
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -66,6 +68,15 @@ def teacher_key(name: str, index: int) -> str:
     return key or f"teacher{index}"
 
 
+def teacher_label(name: str) -> str:
+    """A short name of a teacher for the logs (``knn/<label>_cls``): a local dir's name (its run's, for a run's
+    ``student/``), a ``random:`` teacher's architecture, otherwise the name itself; no '/' or '.'."""
+    if name.startswith("local-dir:") or os.sep in name:
+        p = Path(name.removeprefix("local-dir:")).expanduser()
+        name = p.parent.name if p.name == STUDENT and p.parent.name else p.name
+    return teacher_key(name, 0)
+
+
 def build_method(student: nn.Module, models: dict[str, nn.Module], dc) -> nn.Module:
     """HybridDistill (empty ``targets``) or the general Distiller from the ``[distill]`` section."""
     from hdcli.method import Distiller, HybridDistill, Target
@@ -97,7 +108,12 @@ def _fmt(v) -> str:
 
 
 class DistillTask(Task):
-    """``hd distill``: trains ``method.student`` + ``method.heads``; exports the student alone."""
+    """``hd distill``: trains ``method.student`` + ``method.heads``; exports the student alone.
+
+    Watching the run (``[eval]``, docs/distill.md): k-NN top-1 of the student at the start, every
+    ``eval.every`` steps (default each epoch) and at the end, of each teacher once at the start; a head-distance
+    / NMI probe of the student each evaluation; per-target signals on logged steps (``hdcli.watch``).
+    """
 
     log_keys = ("loss", "loss_feat", "loss_rel")
     export_dir = STUDENT
@@ -114,11 +130,29 @@ class DistillTask(Task):
             if name not in models:  # the same teacher twice (Tc + T'c) is loaded once
                 models[name] = build_teacher(name, cfg, i)
         self.teacher_models = models  # name in distill.teachers -> frozen model (build_method's input)
+        self.monitor = self._monitor(cfg)
+        self._t0, self._accelerator = time.perf_counter(), None
+        if self.monitor is not None:
+            self.log_keys = (*self.log_keys, "knn/student_cls")  # the latest evaluation stays in the progress bar
         self.model = build_method(student, models, dc)
         self._say_renormalised(models)
         self.frozen = list({id(m): m for m in self.model.teachers.values()}.values())
         # without a features target the student's last blocks/norm get no gradient: DDP must know
         self.find_unused_parameters = not any(t.kind == "features" for t in self.model.targets)
+
+    @staticmethod
+    def _monitor(cfg: DistillConfig):
+        """The k-NN monitor when the run evaluates (its eval source checked now), else None."""
+        from hdcli.watch.monitor import KnnMonitor
+
+        ec = cfg.eval
+        if not ec.active(cfg.train.steps):
+            return None
+        source = ec.data if ec.data is not None else cfg.data.source
+        data.parse_source(source)
+        return KnnMonitor(source, img_size=cfg.data.img_size, samples=ec.samples, k=ec.k, temperature=ec.temperature,
+                          seed=cfg.train.seed, probe_images=ec.probe_images,
+                          num_workers=data.default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers)
 
     def _say_renormalised(self, models: dict[str, nn.Module]) -> None:
         """One line per teacher (as the user named it) whose input statistics differ from the data's (e.g. a
@@ -139,10 +173,70 @@ class DistillTask(Task):
                                      world_size=world_size, seed=seed)
 
     def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+        from hdcli.watch.signals import grad_shares
+
         images = data.normalize(batch[0])  # uint8 -> float on the device (ImageNet statistics)
+        detail = self.detail and self.cfg.eval.signals
+        self.model.detail = detail
         out = model(images)
-        return {"loss": out.loss, "loss_feat": out.loss_feat, "loss_rel": out.loss_rel,
-                **{f"part/{k}": v for k, v in out.parts.items()}}
+        res = {"loss": out.loss, "loss_feat": out.loss_feat, "loss_rel": out.loss_rel,
+               **{f"part/{k}": v for k, v in out.parts.items()}}
+        if detail:  # logged steps only: cosine / attention agreement, and each target's gradient share
+            res.update(out.signals)
+            weighted = {t.name: t.weight * out.parts[t.name] for t in self.model.targets}
+            res.update({f"share/{k}": v for k, v in grad_shares(weighted, self.model.shared_parameters()).items()})
+        return res
+
+    # -- watching the run (hdcli.watch)
+
+    def eval_at(self, done: int, *, n_steps: int, epoch_end: bool) -> bool:
+        """``eval.every`` steps, or each epoch's end while the evaluations stay within ``eval.max_share`` of the
+        wall time (rank 0 decides for all); always the last step."""
+        if self.monitor is None:
+            return False
+        every = self.cfg.eval.every
+        if done == n_steps or every is not None:
+            return done == n_steps or done % every == 0
+        if not epoch_end:
+            return False
+        spent, elapsed = self.monitor.seconds, time.perf_counter() - self._t0
+        want = spent + self.monitor.last_seconds <= self.cfg.eval.max_share * elapsed
+        if self._accelerator is not None and self._accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            want = bool(broadcast(torch.tensor([float(want)], device=self._accelerator.device), from_process=0).item())
+        return want
+
+    def begin(self, model: nn.Module, accelerator, start: int) -> dict[str, float] | None:
+        """At step 0: k-NN of each teacher (once per run) and of the initial student."""
+        from hdcli.watch.monitor import token_features
+
+        self._t0, self._accelerator = time.perf_counter(), accelerator
+        if self.monitor is None or start > 0:
+            return None
+        res: dict[str, float] = {}
+        labels = [teacher_label(name) for name in self.teacher_models]
+        if len(set(labels)) != len(labels):
+            labels = [teacher_key(name, i) for i, name in enumerate(self.teacher_models)]
+        names = {id(m): label for label, m in zip(labels, self.teacher_models.values(), strict=True)}
+        for key, tm in model.teachers.items():
+            res.update(self.monitor.evaluate(names.get(id(tm), key),
+                                             lambda x, key=key, tm=tm: token_features(tm, model.teacher_input(key, x)),
+                                             accelerator))
+        return {**res, **self.evaluate(model, accelerator, -1, 0)}
+
+    def evaluate(self, model: nn.Module, accelerator, epoch: int, step: int) -> dict[str, float] | None:
+        from hdcli.watch.monitor import token_features
+
+        if self.monitor is None:
+            return None
+        model.eval()
+        before = self.monitor.seconds
+        res = self.monitor.evaluate("student", lambda x: token_features(model.student, x), accelerator)
+        if accelerator.is_main_process:
+            res.update(self.monitor.probe(model.student, accelerator.device))
+        self.monitor.last_seconds = self.monitor.seconds - before  # what the next one will cost (eval_at)
+        return res
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         from timm.models import save_for_hf

@@ -244,6 +244,9 @@ class _CheckedLabels:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.loader.set_epoch(epoch, start_batch=start_batch)
 
+    def close(self) -> None:
+        self.loader.close()
+
     def __iter__(self):
         for images, labels in self.loader:
             if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
@@ -318,7 +321,7 @@ class FinetuneTask(Task):
     def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         return {"loss": self.step(model, *batch)}
 
-    def evaluate(self, model: nn.Module, accelerator, epoch: int) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, accelerator, epoch: int, step: int | None = None) -> dict[str, float]:
         device = accelerator.device
         if self._eval_loader is None:
             d = self.cfg.data
@@ -352,6 +355,10 @@ class FinetuneTask(Task):
         if accelerator.is_main_process:
             self._record(epoch, res, int(n))
         return res
+
+    def close(self) -> None:
+        if self._eval_loader is not None:
+            self._eval_loader.close()
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         from timm.models import save_for_hf

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from hdcli.errors import HDError
 from hdcli.models.vit import patch_size, relations
 from hdcli.rundir import atomic_write
+from hdcli.ui import pyplot
 
 METRICS = {
     "head_distance": "average head distance (pixels)",
@@ -160,8 +161,13 @@ def mean_std(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def crop(images: Sequence, size: int) -> Tensor:
     """PIL images → uint8 [B, 3, size, size]: shorter side resized to ``size`` (bicubic), centre crop
-    (issue 6; ``data.eval_transform`` with crop_pct 1)."""
+    (issue 6; ``data.eval_transform`` with crop_pct 1). uint8 tensors [B, 3, size, size] pass unchanged."""
     from hdcli.data import eval_transform
+
+    if isinstance(images, Tensor):
+        if tuple(images.shape[-2:]) != (size, size):
+            raise HDError(f"images are {tuple(images.shape[-2:])} px, the model takes {size}")
+        return images
 
     tf = eval_transform(size)
     return torch.stack([tf(im.convert("RGB")) for im in images])
@@ -169,15 +175,16 @@ def crop(images: Sequence, size: int) -> Tensor:
 
 def collect(model: nn.Module, images: Sequence, reduce: Callable[[int, Tensor], Tensor], *,
             blocks: Sequence[int] | None = None, batch_size: int = 32, device: str | torch.device = "cpu",
-            on_chunk: Callable[[int], None] | None = None) -> Tensor:
-    """Run ``model`` over ``images`` (at its own input size and mean/std) in chunks;
+            on_chunk: Callable[[int], None] | None = None, stats: tuple | None = None) -> Tensor:
+    """Run ``model`` over ``images`` (PIL, or uint8 crops at its input size; its own mean/std unless
+    ``stats`` = (mean, std) is given, e.g. for a student still in training) in chunks;
     ``reduce(block, attn [B, H, N, N]) -> [B, ...]`` is applied inside the hook, so only reduced
     values are kept. Returns [len(blocks), len(images), ...] on the CPU. ``on_chunk(n)`` is called
     after each chunk of n images (progress)."""
     from hdcli.data import normalize
 
     size = input_size(model)
-    mean, std = mean_std(model)
+    mean, std = stats or mean_std(model)
     blocks = list(range(len(model.blocks))) if blocks is None else list(blocks)
     out: dict[int, list[Tensor]] = {b: [] for b in blocks}
 
@@ -200,7 +207,8 @@ def collect(model: nn.Module, images: Sequence, reduce: Callable[[int, Tensor], 
 
 
 def measure(model: nn.Module, images: Sequence, metric: str, *, batch_size: int = 32,
-            device: str | torch.device = "cpu", on_chunk: Callable[[int], None] | None = None) -> dict:
+            device: str | torch.device = "cpu", on_chunk: Callable[[int], None] | None = None,
+            stats: tuple | None = None) -> dict:
     """One model's entry of ``head_distance.json`` / ``nmi.json``: values per block and head,
     averaged over images: ``{"per_head": [[H] × L], "per_block": [L], "patch_size", "tokens"}``."""
     if metric not in METRICS:
@@ -216,7 +224,7 @@ def measure(model: nn.Module, images: Sequence, metric: str, *, batch_size: int 
             return nmi(attn)
 
     values = collect(model, images, reduce, batch_size=batch_size, device=device,
-                     on_chunk=on_chunk)  # [L, n_images, H]
+                     on_chunk=on_chunk, stats=stats)  # [L, n_images, H]
     per_head = values.double().mean(dim=1)  # [L, H]
     return {
         "per_head": per_head.tolist(),
@@ -265,19 +273,10 @@ def write_json(path: Path, metric: str, n_images: int, models: dict[str, dict]) 
     atomic_write(path, text + "\n")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_metric(metric: str, models: dict[str, dict], path: Path, *, n_images: int | None = None) -> None:
     """The paper's style (Fig. 1, 2, 5): x = block, one dot per head, one colour per model, a line
     through the mean over heads."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     n = len(models)
@@ -317,7 +316,7 @@ def plot_attention(crops: Tensor, maps: Tensor, queries: Sequence[tuple[float, f
     crops: uint8 [n, 3, H, W]; maps: [n, Q, n_blocks, rows, cols]."""
     import torch.nn.functional as F
 
-    plt = _pyplot()
+    plt = pyplot()
     n, q, nb, rows, cols = maps.shape
     h, w = crops.shape[-2:]
     fig, axes = plt.subplots(n * q, nb + 1, figsize=(1.6 * (nb + 1), 1.6 * n * q + 0.4), dpi=80,

@@ -77,12 +77,18 @@ class DistillBench:
     reference: bool = False  # also time a plain timm forward over the MIM teacher's blocks
     reference_reps: int = 1  # pairs (MIM teacher part, plain timm) timed between two steps
     compare_drop_ratio: float | None = None  # alternate engine steps with a method at this drop ratio
+    signals: bool = False  # alternate engine steps with and without the per-target signals (logged steps)
     gemm: bool = True
     gemm_size: int | None = None
     interleave: bool | None = None  # None: on the CPU yes, on CUDA no
     seed: int = 0
     sync_debug: bool = False  # CUDA: count host syncs in the timed steps (torch.cuda.set_sync_debug_mode)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def per(self) -> int:
+        """Engine steps per timed pair: 2 when steps alternate (a drop-ratio comparison or the signals), else 1."""
+        return 2 if self.compare_drop_ratio is not None or self.signals else 1
 
     def overrides(self) -> dict:
         """timm kwargs applied to the student and both teachers (tiny configs for the CPU)."""
@@ -133,6 +139,8 @@ def _check(b: DistillBench, device: torch.device) -> None:
         raise HDError(f"unknown --relation-heads {b.relation_heads!r}", did_you_mean(b.relation_heads, ("auto", "match", "mean")))
     if b.compare_drop_ratio is not None:
         check_drop_ratio(b.compare_drop_ratio)
+        if b.signals:
+            raise HDError("--signals and --compare-drop-ratio both alternate the steps", "give one of them")
     if b.reference_reps < 1:
         raise HDError(f"reference_reps must be at least 1, got {b.reference_reps}")
     if b.gemm_size is not None and b.gemm_size < 1:
@@ -156,8 +164,7 @@ def _config(b: DistillBench, mim_arch: str, feat_arch: str):
     heads = b.relation_heads
     if heads == "auto":
         heads = "match" if mim.heads == student.heads else "mean"
-    per = 2 if b.compare_drop_ratio is not None else 1
-    n = per * (b.warmup + b.steps) + 1  # the engine is stopped at the start of the last step
+    n = b.per * (b.warmup + b.steps) + 1  # the engine is stopped at the start of the last step
     cfg = DistillConfig()
     cfg.train.batch_size = b.batch_size
     cfg.train.steps = n
@@ -239,11 +246,12 @@ class _Alternate(torch.nn.Module):
 
 def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sync_at: set[int],
                 between: Callable[[object, int], None] | None = None, which: Callable[[int], int] | None = None,
-                compare_drop_ratio: float | None = None, debug_from: int | None = None):
+                compare_drop_ratio: float | None = None, signals: bool = False, debug_from: int | None = None):
     """A DistillTask (the real one: same models, method and loss) fed by ``batch``. At the start of every
     step's loss it reads the clock, runs ``between(method, step)`` (outside the timed step) and reads the
     clock again; at call ``stop_at`` it raises _Stop. With ``compare_drop_ratio`` the task's module
-    alternates between its method and the same method at that drop ratio (``which(step)``: 0 or 1).
+    alternates between its method and the same method at that drop ratio (``which(step)``: 0 or 1); with
+    ``signals`` odd steps compute the per-target signals (as a logged step of a run does).
     ``debug_from``: from that step on, CUDA host syncs raise warnings (``torch.cuda.set_sync_debug_mode``)."""
     import copy
 
@@ -279,6 +287,8 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
                 sync(device)
             if which is not None:
                 self.model.which = which(i)
+            if signals:
+                self.detail = i % 2 == 1
             clock.starts.append(time.perf_counter())
             return super().loss(model, b)
 
@@ -331,7 +341,7 @@ def distill(b: DistillBench) -> dict:
     _check(b, device)
     mim_arch, feat_arch = (teacher_arch(t) for t in b.teachers)
     cfg = _config(b, mim_arch, feat_arch)
-    per = 2 if b.compare_drop_ratio is not None else 1
+    per = b.per
     interleave = ((not cuda) if b.interleave is None else b.interleave) or per == 2  # alternating: one by one
     w = _Window(cuda=cuda, device=device, per=per, first=per * b.warmup, last=per * (b.warmup + b.steps),
                 interleave=interleave, extras=b.breakdown or b.reference or b.gemm)
@@ -364,7 +374,14 @@ def distill(b: DistillBench) -> dict:
         result["host_syncs"] = {"per_step": len(syncs) / b.steps, "where": where}
     result["flops_per_image"] = model.as_dict()
     result["gflops_per_image"] = model.total / 1e9
-    if per == 2:
+    if b.signals:
+        other_s = [clock.step(i) for i in range(w.first + 1, w.last, 2)]
+        samples["signals_step"] = [1e3 * x for x in other_s]
+        ratio = statistics.median(y / x for x, y in zip(step_s, other_s, strict=True))
+        # a run computes them on one step in log_every (default 50): that step's extra time, spread over them
+        result["signals"] = {"step_ms": median_ms(other_s), "signals_step_over_step": ratio,
+                             "overhead_at_log_every_50": (ratio - 1) / 50}
+    elif per == 2:
         other_s = [clock.step(i) for i in range(w.first + 1, w.last, 2)]
         samples["compare_step"] = [1e3 * x for x in other_s]
         other = task.model.b
@@ -403,8 +420,9 @@ def _run_engine(b: DistillBench, cfg, batch, w: _Window):
     debug = w.cuda and b.sync_debug
     make, holder = _bench_task(cfg, batch, clock, stop_at=w.last, sync_every=w.per_step, sync_at={w.first, w.last},
                                between=between if w.interleave and w.extras else None,
-                               which=(lambda i: i % 2) if w.per == 2 else None,
-                               compare_drop_ratio=b.compare_drop_ratio, debug_from=w.first if debug else None)
+                               which=(lambda i: i % 2) if b.compare_drop_ratio is not None else None,
+                               compare_drop_ratio=b.compare_drop_ratio, signals=b.signals,
+                               debug_from=w.first if debug else None)
     if w.cuda:
         torch.cuda.reset_peak_memory_stats(w.device)
     with tempfile.TemporaryDirectory(prefix="hd-bench-") as run_dir, warnings.catch_warnings(record=True) as caught:

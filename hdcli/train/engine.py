@@ -65,6 +65,7 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
     ``<run>/config-history/`` and the change is recorded in metrics.jsonl.
     """
     locks: list[RunLock] = []
+    held: list[Any] = []  # the task and its loader, closed however the run ends
     try:
         run_dir = Path(run_dir).resolve()
         if run_dir.is_dir():  # a live run's dir: refuse before reading its checkpoints or building any model
@@ -76,7 +77,7 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
             raise HDError(f"{run_dir} already holds checkpoints of a run",
                           "add --resume auto to continue it, or choose another --out")
         changes = _config_changes(cfg, run_dir, allow_config_change) if ckpt is not None else {}
-        r = _setup(make_task, cfg, run_dir, locks)
+        r = _setup(make_task, cfg, run_dir, locks, held)
         start = _restore(r, ckpt) if ckpt is not None else 0
         if ckpt is None and resume == "auto" and r.main:
             say(f"no checkpoint in {escape(str(run_dir / CHECKPOINTS))}: starting from scratch")
@@ -91,6 +92,10 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
                     _say_interrupted(run_dir, resume_hint)
                 raise
     finally:
+        for thing in reversed(held):
+            close = getattr(thing, "close", None)
+            if close is not None:
+                close()
         for lock in locks:
             lock.release()
         _reset_accelerate()
@@ -101,29 +106,38 @@ def _loop(r: _Run, start: int, signals: Signals, *, resumed: bool) -> tuple[int 
     tc, oc = r.cfg.train, r.cfg.optim
     stream = Stream(r.loader, r.per_epoch, start * r.accum, tc.seed)
     guard = Guard(r)
-    has_eval = type(r.task).evaluate is not Task.evaluate
     last_saved, stopped = (start if resumed else None), None
     log = Log(name=type(r.task).__name__.removesuffix("Task").lower() or "train", keys=r.task.log_keys,
               run_dir=r.run_dir, n_steps=r.n_steps, start=start, global_batch=r.global_batch, main=r.main,
-              accelerator=r.accelerator, tensorboard=tc.tensorboard)
+              accelerator=r.accelerator, trackers=bool(tc.all_trackers))
     _train_mode(r)
     with log:
+        first = _timed(r.task.begin, r.accelerator.unwrap_model(r.wrapped), r.accelerator, start)
+        if first:
+            log.write({"step": start, "epoch": round(r.accum * start / r.per_epoch, 4), **first})
+            log.restart_window()
+            _train_mode(r)
         for step in range(start, r.n_steps):
             lr = lr_at(step, total=r.n_steps, warmup=r.warmup, peak=r.peak, min_lr=oc.min_lr)
             set_lr(r.raw_opt, lr)
+            done = step + 1
+            logged = done % tc.log_every == 0 or done == r.n_steps
+            r.task.detail = logged
             loss = _forward_backward(r, stream, step, log)
             grad_norm, bad = _optimizer_step(r, loss)
-            done = step + 1
             stopped = guard.after_step(bad, signals.received, done)
             log.step_done()
             epochs_done = r.accum * done // r.per_epoch
-            epoch_end = has_eval and epochs_done > r.accum * (done - 1) // r.per_epoch
-            if done % tc.log_every == 0 or done == r.n_steps or stopped or epoch_end:
+            evaluate = r.task.eval_at(done, n_steps=r.n_steps,
+                                      epoch_end=epochs_done > r.accum * (done - 1) // r.per_epoch)
+            if logged or stopped or evaluate:
                 rec = log.record(done=done, epoch=round(r.accum * done / r.per_epoch, 4), lr=lr, grad_norm=grad_norm,
                                  skipped=guard.skipped, bad_images=_bad_images(r), world=r.world)
                 rec["bad_images"] += r.bad_before
-                if epoch_end:
-                    rec.update(r.task.evaluate(r.accelerator.unwrap_model(r.wrapped), r.accelerator, epochs_done - 1) or {})
+                if evaluate:
+                    rec.update(_timed(r.task.evaluate, r.accelerator.unwrap_model(r.wrapped), r.accelerator,
+                                      epochs_done - 1, done) or {})
+                    log.restart_window()  # the next window's images/s leaves the evaluation out
                     _train_mode(r)
                 log.write(rec)
             if done == r.n_steps:
@@ -134,6 +148,13 @@ def _loop(r: _Run, start: int, signals: Signals, *, resumed: bool) -> tuple[int 
             if stopped:
                 break
     return stopped, last_saved, log
+
+
+def _timed(fn, *args) -> dict | None:
+    """``fn(*args)``'s numbers with its wall time added as ``eval_s`` (None stays None)."""
+    t = time.perf_counter()
+    out = fn(*args)
+    return {**out, "eval_s": time.perf_counter() - t} if out else out
 
 
 def _forward_backward(r: _Run, stream: Stream, step: int, log: Log) -> torch.Tensor:
@@ -191,8 +212,10 @@ def _finish(r: _Run, stopped: int | None, last_saved: int | None, log: Log, resu
             if r.main:
                 say(f"[yellow]warning:[/] {result['interrupted']} received while finishing: the run is complete "
                     f"(last checkpoint and {escape(result['student'])} written) before stopping")
-    if r.cfg.train.tensorboard:
+    if r.cfg.train.all_trackers:
         r.accelerator.end_training()
+    if r.main and r.cfg.train.plot:
+        _plot(r.run_dir)
     return result
 
 
@@ -256,10 +279,11 @@ class _Run:
         return self.accelerator.device
 
 
-def _setup(make_task: Callable[[], Task], cfg, run_dir: Path, locks: list[RunLock]) -> _Run:
+def _setup(make_task: Callable[[], Task], cfg, run_dir: Path, locks: list[RunLock], held: list[Any]) -> _Run:
     tc, oc = cfg.train, cfg.optim
     seed_all(tc.seed)  # identical initial weights on every rank
     task = make_task()  # before any distributed set-up: a bad name or path fails fast
+    held.append(task)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)  # after it: a typo leaves no empty run dir behind
         if not locks:
@@ -272,6 +296,7 @@ def _setup(make_task: Callable[[], Task], cfg, run_dir: Path, locks: list[RunLoc
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     loader = task.train_loader(rank=accelerator.process_index, world_size=world, seed=tc.seed)
+    held.append(loader)
     try:
         per_epoch = len(loader)
     except TypeError:
@@ -407,8 +432,8 @@ def _open_run_dir(r: _Run, start: int, changes: dict[str, tuple[str, str]]) -> N
         weights = _model_bytes(r.model, r.frozen_names)
         # checkpoints (weights + 2 Adam moments, 2 kept) and the export; a finished run only re-exports
         ck.check_free_space(r.run_dir, (weights if start >= r.n_steps else 2 * 3 * weights) + (64 << 20))
-        if r.cfg.train.tensorboard:
-            r.accelerator.init_trackers("tensorboard")
+        if r.cfg.train.all_trackers:
+            _init_trackers(r)
         say(f"training {r.n_steps} steps ({r.per_epoch} batches/epoch/rank, {r.world} process(es), global batch "
             f"{r.global_batch}, lr {r.peak:.3g}, warm-up {r.warmup}, {r.accelerator.mixed_precision} precision, "
             f"{r.device})")
@@ -474,15 +499,39 @@ def make_accelerator(tc, run_dir: Path, find_unused_parameters: bool = False):
     )
     if find_unused_parameters:
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    if tc.tensorboard:
+    for tracker in tc.all_trackers:
         try:
-            import tensorboard  # noqa: F401
+            __import__(tracker)
         except ImportError:
-            raise HDError("--tensorboard needs the tensorboard package", "pip install 'hdcli[tensorboard]'") from None
-        kwargs["log_with"] = "tensorboard"
+            raise HDError(f"--tracker {tracker} needs the {tracker} package", f"pip install 'hdcli[{tracker}]'") from None
+    if tc.all_trackers:
+        kwargs["log_with"] = tc.all_trackers
     if tc.compile:
         kwargs["dynamo_backend"] = "inductor"
     return Accelerator(**kwargs)
+
+
+def _init_trackers(r: _Run) -> None:
+    """Accelerate's trackers on the main process: TensorBoard in <run>/tensorboard, Weights & Biases in <run>/wandb
+    (project ``$WANDB_PROJECT`` or ``hd``, run name = the run dir's; ``WANDB_MODE=offline`` works offline)."""
+    from hdcli.config import to_dict
+
+    init = {"wandb": {"dir": str(r.run_dir), "name": r.run_dir.name, "config": to_dict(r.cfg)}}
+    r.accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hd") if "wandb" in r.cfg.train.all_trackers
+                                else "tensorboard", init_kwargs=init)
+
+
+def _plot(run_dir: Path) -> None:
+    """<run>/plots/*.png at the end of a run; a failure to plot is a warning, never a lost run."""
+    from hdcli.watch import plot
+
+    try:
+        written = plot.plot_runs([run_dir])
+    except Exception as e:  # noqa: BLE001 - the run is on disk; the plots are a convenience
+        ui.warn(f"could not write the plots of {escape(str(run_dir))}: {e} (hd plot {escape(str(run_dir))} retries)")
+        return
+    if written:
+        say(f"plots: {escape(str(written[0].parent))} ({len(written)} PNGs; hd plot compares runs)")
 
 
 def _reset_accelerate() -> None:

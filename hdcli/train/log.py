@@ -1,8 +1,10 @@
 """What the loop says while it runs: loss sums per window, the metrics record, the progress bar or plain lines.
 
 A record (one line of ``<run>/metrics.jsonl``) holds the step, epoch, lr, every entry of the task's loss dict
-averaged over the window, the gradient norm, the skipped-step and bad-image counts, images/s and the elapsed
-time. Reading the sums is the loop's only host sync, so it happens every ``log_every`` steps only.
+averaged over the steps of the window that gave it (entries computed on logged steps only, such as the
+per-target signals, are that step's value), the gradient norm, the skipped-step and bad-image counts,
+images/s, the elapsed time, and the task's evaluation when it ran (with ``eval_s``, its wall time). Reading
+the sums is the loop's only host sync, so it happens every ``log_every`` steps only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from hdcli import ui
 from hdcli.train.checkpoints import append_metrics
 
 # record entries that are not the task's loss parts (shown specially, or not at all, in log lines)
-_FIXED = ("step", "epoch", "lr", "img_per_s", "time_s", "grad_norm", "skipped_steps", "bad_images")
+_FIXED = ("step", "epoch", "lr", "img_per_s", "time_s", "grad_norm", "skipped_steps", "bad_images", "eval_s")
 
 
 def say(msg: str) -> None:
@@ -38,10 +40,12 @@ class Log:
     """
 
     def __init__(self, *, name: str, keys: Sequence[str], run_dir, n_steps: int, start: int, global_batch: int,
-                 main: bool, accelerator, tensorboard: bool):
+                 main: bool, accelerator, trackers: bool):
         self.keys, self.run_dir, self.n_steps, self.start = tuple(keys), run_dir, n_steps, start
-        self.global_batch, self.main, self.accelerator, self.tensorboard = global_batch, main, accelerator, tensorboard
+        self.global_batch, self.main, self.accelerator, self.trackers = global_batch, main, accelerator, trackers
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, float] = {}
+        self.shown: dict[str, float] = {}  # the latest value of each of ``keys``  # steps (fractions per micro-batch) each entry of the window was added
         self.window = 0
         self.t_start = self.t_window = time.perf_counter()
         self.first_loss = self.last_loss = None
@@ -63,6 +67,11 @@ class Log:
         for k, v in out.items():
             v = v.detach().float() / accum
             self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] = self.counts.get(k, 0.0) + 1.0 / accum
+
+    def restart_window(self) -> None:
+        """Time the window's images/s from now (after an evaluation)."""
+        self.t_window = time.perf_counter()
 
     def step_done(self) -> None:
         self.window += 1
@@ -78,11 +87,12 @@ class Log:
         vals = torch.stack([self.sums[k] for k in keys] + [bad * world, skipped, grad_norm.detach().float()])
         vals = (self.accelerator.reduce(vals, "mean") if world > 1 else vals).tolist()
         dt = time.perf_counter() - self.t_window
-        rec = {"step": done, "epoch": epoch, "lr": lr, **{k: v / self.window for k, v in zip(keys, vals, strict=False)},
+        rec = {"step": done, "epoch": epoch, "lr": lr,
+               **{k: v / self.counts[k] for k, v in zip(keys, vals, strict=False)},
                "grad_norm": vals[-1], "skipped_steps": int(round(vals[-2])), "bad_images": int(round(vals[-3])),
                "img_per_s": self.global_batch * self.window / max(dt, 1e-9), "time_s": time.perf_counter() - self.t_start}
         self._loss_keys = set(keys)
-        self.sums, self.window, self.t_window = {}, 0, time.perf_counter()
+        self.sums, self.counts, self.window, self.t_window = {}, {}, 0, time.perf_counter()
         self.first_loss = rec["loss"] if self.first_loss is None else self.first_loss
         self.last_loss = rec["loss"]
         return rec
@@ -92,19 +102,26 @@ class Log:
         if not self.main:
             return
         append_metrics(self.run_dir, rec)
-        shown = " ".join(f"{k} {rec[k]:.4f}" for k in self.keys if k in rec)
+        if self.trackers:
+            self.accelerator.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=rec["step"])
+        if "lr" not in rec:  # a record of the task's own numbers (``Task.begin``): one line
+            ui.console.print(f"step {rec['step']}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
+                                                               if k not in _FIXED and isinstance(v, int | float)),
+                             soft_wrap=True, markup=False)
+            return
+        self.shown.update({k: rec[k] for k in self.keys if k in rec})  # an evaluation stays shown until the next
+        shown = " ".join(f"{k} {self.shown[k]:.4f}" for k in self.keys if k in self.shown)
         info = f"{shown} lr {rec['lr']:.2e} {rec['img_per_s']:.0f} img/s"
         if rec.get("skipped_steps"):
             info += f" skipped {rec['skipped_steps']}"
         if rec.get("bad_images"):
             info += f" bad images {rec['bad_images']}"
-        if self.tensorboard:
-            self.accelerator.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=rec["step"])
         if self.bar is not None and not self.bar.disable:
             self.bar.update(self.bar_task, info=info)
             return
         extra = " ".join(f"{k} {v:.4g}" for k, v in rec.items()
-                         if k not in self._loss_keys and k not in _FIXED and isinstance(v, int | float))
+                         if k not in self._loss_keys and k not in self.keys and k not in _FIXED
+                         and isinstance(v, int | float))
         eta = rec["time_s"] / (rec["step"] - self.start) * (self.n_steps - rec["step"])
         line = f"step {rec['step']}/{self.n_steps} ep {rec['epoch']:.2f} {info}" + (f" {extra}" if extra else "")
         ui.console.print(line + f" eta {fmt_time(eta)}", soft_wrap=True, markup=False)  # one line per record

@@ -25,15 +25,20 @@ class Task:
     - ``train_loader(rank=, world_size=, seed=)``: an iterable of batches for this rank with
       ``len()`` = batches per epoch (the same on every rank). Batches stay on the host (uint8 images);
       the engine moves tensors to the device. If the loader has ``set_epoch(epoch)`` it is called
-      before each epoch; data order and augmentation must depend only on (seed, epoch, rank).
+      before each epoch, and ``close()`` when the run ends (worker processes); data order and
+      augmentation must depend only on (seed, epoch, rank).
     - ``loss(model, batch)``: a dict of scalar tensors with key ``"loss"`` (what is minimised); every
       entry is averaged and logged.
     - ``export(model, out_dir)``: write the result (unwrapped ``model``) into the empty ``out_dir``;
       the engine renames it to ``<run>/<export_dir>`` afterwards (atomic).
     - optional ``param_groups(model, weight_decay)`` (e.g. timm's layer decay; groups may carry
-      ``lr_scale``) and ``evaluate(model, accelerator, epoch) -> dict | None`` (after each finished
-      epoch, 0-based index, on all ranks; the returned numbers are logged); attributes ``log_keys``,
-      ``export_dir`` (default ``student``) and ``find_unused_parameters`` (DDP).
+      ``lr_scale``); ``evaluate(model, accelerator, epoch, step) -> dict | None`` (on all ranks, after the
+      steps ``eval_at`` chooses: by default each finished epoch, ``epoch`` its 0-based index; the returned
+      numbers join that step's record); ``begin(model, accelerator, start) -> dict | None`` (before the
+      first step of a segment: numbers recorded at step ``start``, e.g. an initial evaluation); attributes
+      ``log_keys``, ``export_dir`` (default ``student``) and ``find_unused_parameters`` (DDP).
+    - ``detail`` is set by the engine before each step: True on the steps whose record is written, when
+      ``loss`` may add costlier entries (per-target signals) to its dict.
     """
 
     model: nn.Module
@@ -41,6 +46,7 @@ class Task:
     log_keys: Sequence[str] = ("loss",)  # loss-dict entries shown in the progress bar and log lines
     export_dir: str = STUDENT
     find_unused_parameters: bool = False  # DDP: set when some trainable parameters get no gradient
+    detail: bool = False  # set by the engine: this step's record is written
 
     def train_loader(self, *, rank: int, world_size: int, seed: int) -> Iterable:
         raise NotImplementedError
@@ -54,6 +60,18 @@ class Task:
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         return param_groups_weight_decay(model, weight_decay)
 
-    def evaluate(self, model: nn.Module, accelerator, epoch: int) -> dict[str, float] | None:
+    def eval_at(self, done: int, *, n_steps: int, epoch_end: bool) -> bool:
+        """Whether to evaluate after optimiser step ``done`` (1-based); default: after each finished epoch when
+        the task has an ``evaluate``."""
+        return epoch_end and type(self).evaluate is not Task.evaluate
+
+    def evaluate(self, model: nn.Module, accelerator, epoch: int, step: int) -> dict[str, float] | None:
         return None
+
+    def begin(self, model: nn.Module, accelerator, start: int) -> dict[str, float] | None:
+        return None
+
+    def close(self) -> None:
+        """Release what the task holds beyond the training loader (e.g. an eval loader's workers); called once
+        when the run ends, however it ends."""
 
