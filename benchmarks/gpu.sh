@@ -7,7 +7,9 @@
 #
 #   bash benchmarks/gpu.sh                 # results in $OUT (device tool) or benchmarks/results/
 #
-# Last, if time is left: `hd bench data` on synthetic ImageNet-sized JPEG shards with all CPUs but one.
+# Then, within the budget: `hd bench data` by decode path (pil, cpu, gpu) on synthetic ImageNet-sized JPEG
+# shards made here, the real step fed by those shards against the synthetic batch (`--data`), and `hd distill`
+# end to end on them (bf16, compiled, SIGTERM after the first checkpoint, `--resume auto`).
 # Writes 3 files: gpu_results.json (every run's `hd bench ... --json` object, by name),
 # gpu_summary.md (a markdown table for docs/performance.md) and gpu.log (stderr of all runs).
 # Needs python3 with torch, timm, accelerate, typer, rich, safetensors, huggingface_hub, webdataset and
@@ -67,17 +69,64 @@ run syncs_keep34 60 --drop-ratio 0.3 --warmup 3 --steps 3 --sync-debug --no-brea
 run compiled_keep34 200 --drop-ratio 0.3 --warmup 8 $COMPILE
 run compiled_keep100 200 --drop-ratio 0 --warmup 8 $COMPILE
 
-# Can this machine's CPUs decode as fast as the GPU trains? Synthetic 500x375 JPEG shards, training transform.
-left=$((BUDGET + 20 - (SECONDS - START)))
-if [ "$left" -ge 45 ]; then
-  W=$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))
-  echo "== data: $W workers ($((SECONDS - START)) s elapsed, limit $left s)" | tee -a "$LOG"
-  timeout "$left" bash -c "$PY benchmarks/jpeg_shards.py $TMP/shards --images 1024 >> '$LOG' 2>&1 && \
-    $PY -m hdcli bench data $TMP/shards --workers $W --batch-size 128 --batches 12 --warmup 3 --json \
-    > '$TMP/data.json' 2>> '$LOG'"
-  echo "== data: rc $? after $((SECONDS - START)) s" | tee -a "$LOG"
+# Can this machine's CPUs decode as fast as the GPU trains? Synthetic 500x375 JPEG shards, METHOD.md's crop, by
+# decode path (pil: the reference, cpu, gpu: nvJPEG + crop/resize on the device), with all CPUs but one and with
+# 2 workers; --step-rate from the compiled keep-34% run says how many cores each path needs.
+W=$(( $(nproc) > 2 ? $(nproc) - 1 : 1 ))
+RATE=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['images_per_s'])" "$TMP/compiled_keep34.json" 2>/dev/null || echo 4000)
+SHARDS="$TMP/shards"
+NIMG=1024; DBATCH=128; DB=6
+if [ -n "${HD_GPU_SH_SMOKE:-}" ]; then NIMG=64; DBATCH=8; DB=2; fi
+data() {  # data NAME TIMEOUT_S ARGS...
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET + 20 - (SECONDS - START)))
+  if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  if [ "$limit" -lt 30 ]; then echo "== $name: skipped, budget spent" | tee -a "$LOG"; return; fi
+  echo "== $name: hd bench data $SHARDS $* ($((SECONDS - START)) s elapsed, limit $limit s)" | tee -a "$LOG"
+  timeout "$limit" $PY -m hdcli bench data "$SHARDS" --batch-size $DBATCH --batches $DB --rounds 2 --warmup 2 \
+    --step-rate "$RATE" "$@" --json > "$TMP/$name.json" 2>> "$LOG"
+  echo "== $name: rc $? after $((SECONDS - START)) s" | tee -a "$LOG"
+}
+$PY benchmarks/jpeg_shards.py "$SHARDS" --images $NIMG >> "$LOG" 2>&1 || echo "== shards: failed" | tee -a "$LOG"
+data data_all_cpus 90 --workers $W
+data data_2_workers 60 --workers 2 --decode cpu,gpu
+
+# The real step on real shards: engine steps alternate the shard loader (gpu decode) and the synthetic batch.
+run data_step 120 --drop-ratio 0.3 --warmup 3 --steps 6 --data "$SHARDS" --data-workers $W --decode gpu \
+  --no-breakdown --no-gemm $COMPILE
+
+# hd distill end to end on the shards: bf16, compiled, checkpoints every 20 steps, SIGTERM after the first one,
+# then --resume auto to the end (50 steps); the log's images/s against the synthetic-batch step above.
+E2E=(--student vit_base_patch16_224 --teachers random:vit_base_patch16_224.mae,random:vit_base_patch16_clip_224.openai
+     --data "$SHARDS" -b 128 --steps 50 --save-every 20 --log-every 10 --mixed-precision bf16 $COMPILE
+     --num-workers $W --set optim.warmup_steps=10 --out "$TMP/e2e")
+if [ -n "${HD_GPU_SH_SMOKE:-}" ]; then
+  E2E=(--student vit_base_patch16_224 --teachers random:vit_base_patch16_224.mae,random:vit_base_patch16_clip_224.openai
+       --img-size 32 --patch-size 4 --set "student.kwargs={embed_dim = 48, depth = 12, num_heads = 3}"
+       --set "distill.teacher_kwargs={patch_size = 4, embed_dim = 48, depth = 12, num_heads = 3}"
+       --data "$SHARDS" -b 4 --steps 12 --save-every 4 --log-every 2 --mixed-precision no --cpu --num-workers 1
+       --set optim.warmup_steps=2 --out "$TMP/e2e")
+fi
+left=$((BUDGET + 60 - (SECONDS - START)))
+if [ "$left" -ge 60 ]; then
+  echo "== e2e: hd distill ${E2E[*]} ($((SECONDS - START)) s elapsed, limit $left s)" | tee -a "$LOG"
+  $PY -m hdcli distill "${E2E[@]}" >> "$LOG" 2>&1 &
+  pid=$!
+  t0=$SECONDS
+  until [ -d "$TMP/e2e/checkpoints/step_0000020" ] || [ -d "$TMP/e2e/checkpoints/step_0000004" ] \
+      || ! kill -0 $pid 2>/dev/null || [ $((SECONDS - t0)) -ge $((left / 2)) ]; do sleep 1; done
+  kill -TERM $pid 2>/dev/null; wait $pid; echo "== e2e: first segment rc $? after $((SECONDS - START)) s" | tee -a "$LOG"
+  left=$((BUDGET + 60 - (SECONDS - START)))
+  timeout "$left" $PY -m hdcli distill --out "$TMP/e2e" --resume auto >> "$LOG" 2>&1
+  rc=$?
+  echo "== e2e: resumed segment rc $rc after $((SECONDS - START)) s" | tee -a "$LOG"
+  [ -f "$TMP/e2e/metrics.jsonl" ] && cp "$TMP/e2e/metrics.jsonl" "$TMP/e2e_metrics.jsonl.txt"
+  $PY -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if 'img_per_s' in l]; \
+print(json.dumps({'rc': $rc, 'records': len(r), 'last_step': r[-1]['step'] if r else None, \
+'img_per_s': sorted(x['img_per_s'] for x in r)[len(r)//2] if r else None}))" "$TMP/e2e/metrics.jsonl" \
+    > "$TMP/e2e.json" 2>> "$LOG"
 else
-  echo "== data: skipped, budget spent" | tee -a "$LOG"
+  echo "== e2e: skipped, budget spent" | tee -a "$LOG"
 fi
 
 $PY - "$TMP" "$RES" <<'EOF' 2>&1 | tee -a "$LOG"
@@ -117,10 +166,21 @@ if a and z:
 ca, cz = runs.get("compiled_keep34"), runs.get("compiled_keep100")
 if ca and cz:
     extra.append(f"- compiled step keep 34% / keep 100%: {ca['step_ms'] / cz['step_ms']:.3f}")
-d = runs.get("data")
-if d:
-    extra.append(f"- data: {d['images_per_s']:,.0f} images/s with {d['workers']} workers "
-                 f"({d['per_worker_images_per_s']:,.0f} per worker), 500x375 JPEG -> 224 px training transform")
+for name in ("data_all_cpus", "data_2_workers"):
+    d = runs.get(name)
+    for path, r in ((d or {}).get("paths") or {}).items():
+        dev_txt = f", device decode {r['device_images_per_s']:,.0f}/s" if "device_images_per_s" in r else ""
+        extra.append(f"- {name} {path}: {r['images_per_s']:,.0f} images/s with {d['workers']} workers "
+                     f"({r['per_core_images_per_s']:,.0f} per core{dev_txt}; cores for the compiled step: "
+                     f"{r.get('cores_needed', float('nan')):.1f})")
+ds = runs.get("data_step")
+if ds and "data" in ds:
+    extra.append(f"- real shards (gpu decode) / synthetic batch, neighbouring steps: "
+                 f"{ds['data']['real_over_synthetic']:.3f} ({'waited for data' if ds['data']['waited_for_data'] else 'kept up'})")
+e = runs.get("e2e")
+if e:
+    extra.append(f"- hd distill on shards, SIGTERM + --resume auto: rc {e['rc']}, last step {e['last_step']}, "
+                 f"median {e['img_per_s'] or 0:,.0f} images/s")
 s = runs.get("syncs_keep34")
 if s and "host_syncs" in s:
     extra.append(f"- host syncs per step: {s['host_syncs']['per_step']:.1f} at {s['host_syncs']['where']}")

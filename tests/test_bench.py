@@ -165,6 +165,37 @@ def test_unknown_teacher_names_the_registry_and_suggests():
     assert "mae" in e.value.hint
 
 
-def test_bench_data_demo_reports_throughput():
-    r = bench.data("demo", img_size=32, batch_size=16, workers=0, batches=3, warmup=1)
-    assert r["images_per_s"] > 0 and r["workers"] == 0 and r["config"]["batch_size"] == 16
+def test_bench_data_compares_the_decode_paths_interleaved(tmp_path):
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    for i, a in enumerate(load_sample_images().images):  # real photos, as JPEG files
+        (tmp_path / "c").mkdir(exist_ok=True)
+        Image.fromarray(a).save(tmp_path / "c" / f"{i}.jpg", quality=90)
+    from hdcli.tools import databench
+
+    r = databench.data(str(tmp_path), img_size=64, batch_size=2, workers=0, batches=2, warmup=1, rounds=2,
+                   step_rate=1000.0, cpu=True)
+    assert set(r["paths"]) == {"pil", "cpu", "gpu"} and r["workers"] == 0 and r["config"]["batch_size"] == 2
+    for res in r["paths"].values():
+        assert len(res["samples_s"]) == 2 and res["images_per_s"] > 0
+        assert res["cores_needed"] == pytest.approx(1000.0 / res["per_core_images_per_s"])
+        assert res["speedup"] == pytest.approx(statistics.median(
+            a / b for a, b in zip(r["paths"]["pil"]["samples_s"], res["samples_s"], strict=True)))
+    assert r["paths"]["pil"]["speedup"] == 1.0
+    assert r["paths"]["gpu"]["device_images_per_s"] > 0 and r["paths"]["gpu"]["cpu_fallbacks"] == 0
+    with pytest.raises(HDError, match="unknown decode path 'nvjpeg'"):
+        databench.data("demo", paths=("nvjpeg",))
+
+
+def test_bench_distill_with_real_data_alternates_loader_and_synthetic_steps():
+    cfg = bench.DistillBench(img_size=32, patch_size=8, dim=48, depth=4, heads=3, batch_size=4, steps=2, warmup=1,
+                             cpu=True, breakdown=False, gemm=False, data="demo", workers=0)
+    r = bench.distill(cfg)
+    d, s = r["data"], r["samples_ms"]
+    assert len(s["step"]) == len(s["synthetic_step"]) == 2 and d["source"] == "demo" and d["workers"] == 0
+    assert d["real_over_synthetic"] == pytest.approx(statistics.median(
+        x / y for x, y in zip(s["step"], s["synthetic_step"], strict=True)), rel=1e-6)
+    assert d["waited_for_data"] == (d["real_over_synthetic"] > 1.05)
+    with pytest.raises(HDError, match="each alternate the steps"):
+        bench.distill(bench.DistillBench(cpu=True, data="demo", signals=True))

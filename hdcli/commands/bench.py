@@ -44,6 +44,15 @@ def distill(
     signals: Annotated[bool, typer.Option(
         "--signals", help="Alternate the engine's steps with and without the per-target signals (a logged step "
         "of hd distill) and report their ratio and its overhead at --log-every 50.", rich_help_panel=RUN_PANEL)] = False,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="Also feed the real step from this source's loader (anything hd distill --data takes): "
+        "steps alternate real and synthetic batches; reports whether the step waited for data.",
+        rich_help_panel=RUN_PANEL, show_default=False)] = None,
+    data_workers: Annotated[int | None, typer.Option(
+        "--data-workers", help="Workers of the --data loader (default: CPUs − 1, at most 8).",
+        rich_help_panel=RUN_PANEL, show_default=False)] = None,
+    decode: Annotated[str, typer.Option("--decode", help="data.decode of the --data loader: auto, cpu, pil, gpu.",
+                                        rich_help_panel=RUN_PANEL)] = "auto",
     masking: Annotated[str, typer.Option("--masking", help="progressive | direct | random | none.",
                                          rich_help_panel=RUN_PANEL)] = "progressive",
     dtype: Annotated[str | None, typer.Option(
@@ -103,7 +112,8 @@ def distill(
         raise HDError(f"--teachers needs two names (MIM teacher first), got {teachers!r}", "e.g. --teachers mae,clip")
     cfg = bench.DistillBench(
         student=student, teachers=(names[0], names[1]), batch_size=batch_size, drop_ratio=drop_ratio,
-        masking=masking, compare_drop_ratio=compare_drop_ratio, signals=signals, dtype=dtype, compile=compile,
+        masking=masking, compare_drop_ratio=compare_drop_ratio, signals=signals,
+        data=data, workers=data_workers, decode=decode, dtype=dtype, compile=compile,
         steps=steps, warmup=warmup, img_size=img_size,
         patch_size=patch_size, depth=depth, dim=dim, heads=heads, relation_heads=relation_heads, cpu=cpu,
         peak_tflops=peak, breakdown=breakdown, reference=reference, gemm=gemm, gemm_size=gemm_size,
@@ -142,6 +152,12 @@ def _print_distill(res: dict) -> None:
                   f"keep {cmp['n_keep']}/{c['n_patches']}, {cmp['gflops_per_image']:.2f} GFLOP/image")
         t.add_row("  step / that step", f"{cmp['step_over_compare']:.3f}",
                   f"FLOP model {res['gflops_per_image'] / cmp['gflops_per_image']:.3f}; neighbouring steps")
+    if "data" in res:
+        d = res["data"]
+        t.add_row("step, synthetic batch", f"{d['synthetic_step_ms']:.1f} ms", "neighbouring steps")
+        t.add_row("  real data / synthetic", f"{d['real_over_synthetic']:.3f}",
+                  f"{d['source']}, {d['workers']} workers, decode {d['decode']}: "
+                  + ("the step WAITED for data" if d["waited_for_data"] else "the loader kept up"))
     if "signals" in res:
         sig = res["signals"]
         t.add_row("step with per-target signals", f"{sig['step_ms']:.1f} ms", "a logged step of hd distill")
@@ -179,15 +195,27 @@ def data(
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed batches first (worker start-up).",
                                         rich_help_panel=RUN_PANEL)] = 2,
     split: Annotated[str, typer.Option("--split", help="Split to read.", rich_help_panel=RUN_PANEL)] = "train",
+    decode: Annotated[str, typer.Option(
+        "--decode", help="Decode paths to compare, comma-separated: pil (the reference), cpu, gpu "
+        "(docs/data.md).", rich_help_panel=RUN_PANEL)] = "pil,cpu,gpu",
+    rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds (each times --batches of every path).",
+                                        rich_help_panel=RUN_PANEL)] = 3,
+    step_rate: Annotated[float | None, typer.Option(
+        "--step-rate", help="Images/s the GPU trains (e.g. from hd bench distill): report the cores each path needs.",
+        rich_help_panel=REPORT_PANEL, show_default=False)] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Decode the gpu path's batches on the CPU even where a GPU is "
+                                      "visible.", rich_help_panel=RUN_PANEL)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.",
                                           rich_help_panel=REPORT_PANEL)] = False,
 ) -> None:
-    """Decode + augment throughput (training transform, uint8 out) of a data source, total and per worker."""
+    """Decode + augment throughput (METHOD.md's training crop, uint8 out) of a data source by decode path:
+    images/s, per core, and the cores a GPU needs at --step-rate."""
     from hdcli import ui
-    from hdcli.tools import bench
+    from hdcli.tools import databench
 
-    res = bench.data(source, img_size=img_size, batch_size=batch_size, workers=workers, batches=batches,
-                     warmup=warmup, split=split)
+    paths = tuple(p.strip() for p in decode.split(",") if p.strip())
+    res = databench.data(source, img_size=img_size, batch_size=batch_size, workers=workers, batches=batches,
+                     warmup=warmup, split=split, paths=paths, rounds=rounds, step_rate=step_rate, cpu=cpu)
     if as_json:
         typer.echo(json.dumps(res))
         return
@@ -195,12 +223,17 @@ def data(
 
     c = res["config"]
     t = Table(title=f"{c['source']} ({c['split']}) · {c['img_size']} px · batch {c['batch_size']} · "
-              f"{res['workers']} worker(s)", header_style="bold")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    t.add_row("images/s", f"{res['images_per_s']:,.0f}")
-    t.add_row("images/s per worker", f"{res['per_worker_images_per_s']:,.0f}")
-    t.add_row("batch", f"{res['batch_ms']:.1f} ms")
-    if res["bad_samples"]:
-        t.add_row("unreadable samples", str(res["bad_samples"]))
+              f"{res['workers']} worker(s) · {c['rounds']} rounds interleaved", header_style="bold")
+    for col in ("path", "images/s", "per core", "× pil", "cores needed", "note"):
+        t.add_column(col, justify="left" if col in ("path", "note") else "right")
+    for p, r in res["paths"].items():
+        note = ""
+        if p == "gpu":
+            note = f"device decode {r['device_images_per_s']:,.0f} images/s on {res['device']}"
+            note += f"; {r['cpu_fallbacks']} CPU fallbacks" if r["cpu_fallbacks"] else ""
+        if r["bad_samples"]:
+            note += f"; {r['bad_samples']} unreadable"
+        t.add_row(p, f"{r['images_per_s']:,.0f}", f"{r['per_core_images_per_s']:,.0f}",
+                  f"{r['speedup']:.2f}" if "speedup" in r else "–",
+                  f"{r['cores_needed']:.1f}" if "cores_needed" in r else "–", note)
     ui.stdout.print(t)

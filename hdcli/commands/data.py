@@ -30,6 +30,9 @@ def register(app: typer.Typer) -> None:
                                                   rich_help_panel="Shards")] = "auto",
         quality: Annotated[int, typer.Option("--quality", help="JPEG/WebP quality when re-encoding.",
                                              rich_help_panel="Shards")] = 95,
+        max_side: Annotated[int | None, typer.Option(
+            "--max-side", help="Resize images whose shorter side is longer to this (re-encoded at --quality): "
+            "faster decoding (docs/data.md).", rich_help_panel="Shards", show_default=False)] = None,
         shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help="Shuffle the train split before "
                                               "writing, so every shard mixes classes.",
                                               rich_help_panel="Shards")] = True,
@@ -52,7 +55,7 @@ def register(app: typer.Typer) -> None:
                 bar.update(tasks[split], completed=done)
 
             info = data.write_shards(src, out, maxcount=maxcount, splits=split_list, image_format=image_format,
-                                     quality=quality, seed=seed, shuffle=shuffle, name=name or None,
+                                     quality=quality, max_side=max_side, seed=seed, shuffle=shuffle, name=name or None,
                                      force=force, on_progress=on_progress)
         for split, entry in info["splits"].items():
             n = len(entry["filenames"])

@@ -10,6 +10,7 @@ import typer
 
 from hdcli.commands.options import (
     CHECKPOINTS,
+    DATA,
     DATA_OPTS,
     DATA_SOURCE,
     EVAL,
@@ -40,7 +41,10 @@ OPTIONS = (
     Opt("distill.masking", ("--masking",), "progressive | direct | random | none.", METHOD),
     Opt("distill.alpha", ("--alpha",), "Weight of the relation loss.", METHOD, float),
     Opt("distill.relation_heads", ("--relation-heads",), "match | mean (average relations over heads).", METHOD),
-    DATA_SOURCE, *DATA_OPTS, *TRAIN, *CHECKPOINTS,
+    DATA_SOURCE, *DATA_OPTS,
+    Opt("data.decode", ("--decode",), "auto (gpu on CUDA, else cpu) | cpu | pil (the reference) | gpu: who decodes "
+        "and crops the JPEGs (docs/data.md).", DATA),
+    *TRAIN, *CHECKPOINTS,
     Opt("eval.every", ("--eval-every",), "Steps between k-NN evaluations of the student (0: off) (default: every "
         "epoch; off in --steps runs).", EVAL, int),
     Opt("eval.data", ("--eval-data",), "Source of the k-NN eval set, anything --data takes (default: --data; "

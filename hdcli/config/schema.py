@@ -22,6 +22,7 @@ RELATION_HEADS = ("match", "mean")
 TARGET_KINDS = ("features", "relations", "block", "msa")
 TARGET_KEYS = ("teacher", "kind", "blocks", "weight", "student_blocks", "name")
 TRACKERS = ("tensorboard", "wandb")
+DECODE = ("auto", "cpu", "pil", "gpu")  # the training crop's decode paths (hdcli.data.decode)
 
 
 # ---------------------------------------------------------------- sections shared by every training command
@@ -99,6 +100,7 @@ class DataConfig:
     num_workers: int | None = None  # None: min(8, CPUs per process − 1)
     scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale
     hflip: float = 0.5  # horizontal flip probability (the crop is always bicubic)
+    decode: str = "auto"  # auto (gpu on CUDA, else cpu) | cpu | pil (torchvision on PIL, the reference) | gpu
     epoch_steps: int | None = None  # batches per epoch per rank (shards without a sample count)
     max_bad_fraction: float = 0.001  # undecodable images tolerated before the run fails
 
@@ -111,6 +113,7 @@ class DataConfig:
             raise HDError(f"data.scale must satisfy 0 < min ≤ max ≤ 1, got {list(self.scale)}")
         if not 0 <= self.hflip <= 1:
             raise HDError(f"data.hflip is a probability, got {self.hflip}")
+        _choice(self.decode, DECODE, "data.decode")
         if self.epoch_steps is not None and self.epoch_steps < 1:
             raise HDError(f"data.epoch_steps must be ≥ 1, got {self.epoch_steps}")
         if not 0 <= self.max_bad_fraction <= 1:

@@ -11,12 +11,15 @@ One module a job (docs/design.md):
 The names below are the package's API (``from hdcli import data; data.build_loader(...)``).
 """
 
+from hdcli.data.decode import CropSampler, EncodedBatch, EncodedCrop, TrainCrop
 from hdcli.data.loaders import (
     Loader,
     MapLoader,
     ShardLoader,
+    augment,
     augmented_loader,
     build_loader,
+    decode_path,
     default_num_workers,
     plan_batches,
     steps_per_epoch,
@@ -67,7 +70,8 @@ from hdcli.seeding import mix_seed, seeded
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTS", "KNOWN_SPLITS",
-    "SHARD_IMAGE_KEYS", "SOURCE_HINT", "SPLIT_DIRS", "ArrayRecords", "FolderRecords", "Loader", "MapLoader",
+    "SHARD_IMAGE_KEYS", "SOURCE_HINT", "SPLIT_DIRS", "ArrayRecords", "CropSampler", "EncodedBatch", "EncodedCrop", "FolderRecords",
+    "Loader", "MapLoader", "TrainCrop", "augment", "decode_path",
     "Records", "ShardLoader", "ShardSet", "Source", "_digits", "_is_pattern", "augmented_loader", "build_loader",
     "check_batch", "check_tar", "classes", "count_samples", "default_num_workers", "describe", "eval_transform", "has_split", "expand_pattern",
     "mix_seed", "normalize", "num_classes", "num_samples", "open_image", "open_records", "open_shards", "parse_source",

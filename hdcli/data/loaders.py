@@ -34,6 +34,7 @@ import torch
 import webdataset as wds
 
 from hdcli import ui
+from hdcli.data.decode import DECODE, Encoded, EncodedBatch, EncodedCrop, TrainCrop
 from hdcli.data.shards import ShardSet, _is_shard_name, open_shards
 from hdcli.data.sources import SHARD_IMAGE_KEYS, Records, open_records, parse_source
 from hdcli.data.transforms import eval_transform, open_image, train_transform
@@ -104,10 +105,16 @@ class SharedCounts:
         self.seen = mp.Value("q", 0)
         self.first_bad = mp.Array("c", 512)
         self.fault = mp.Array("c", 1024)
+        self.fallback = mp.Value("q", 0)  # gpu decode path: samples decoded on the CPU instead (not plain JPEGs)
 
     def add_seen(self) -> None:
         with self.seen.get_lock():
             self.seen.value += 1
+
+    def count_fallback(self, x) -> None:
+        if isinstance(x, Encoded) and x.crop is None:
+            with self.fallback.get_lock():
+                self.fallback.value += 1
 
     def add_bad(self, key: str, where: str, err: BaseException) -> None:
         with self.bad.get_lock():
@@ -155,6 +162,9 @@ def _collate(items):
     items = [x for x in items if x is not None]
     if not items:
         return None
+    if isinstance(items[0][0], Encoded):  # the gpu path: decoded where the batch goes (EncodedBatch.to)
+        labels = torch.tensor([y for _, y in items], dtype=torch.long)
+        return EncodedBatch([x for x, _ in items], items[0][0].size), labels
     images = torch.stack([x for x, _ in items])  # [B, 3, H, W]
     labels = torch.tensor([y for _, y in items], dtype=torch.long)  # [B]
     return images, labels
@@ -172,13 +182,15 @@ class _MapDataset(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]):
         i, seed = item
         self.counts.add_seen()
+        raw = getattr(self.transform, "raw", False)  # hdcli.data.decode: bytes in, decoded by the transform
         try:
-            img = self.records.load(i)
+            img = self.records.raw(i) if raw else self.records.load(i)
+            with seeded(seed):
+                x = self.transform(img)
         except Exception as e:  # a corrupt or truncated file: skipped and counted (issue 10)
             self.counts.add_bad(self.records.key(i), self.records.where, e)
             return None
-        with seeded(seed):
-            x = self.transform(img)
+        self.counts.count_fallback(x)
         return x, self.records.label(i)
 
 
@@ -227,13 +239,14 @@ class _Decode(wds.PipelineStage):
                 data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
                 if data is None:
                     raise ValueError(f"no {'/'.join(SHARD_IMAGE_KEYS)} entry (has {sorted(sample)})")
-                img = open_image(data)
+                img = data if getattr(self.transform, "raw", False) else open_image(data)
                 label = int(sample["cls"]) if "cls" in sample else -1
+                with seeded(mix_seed(self.seed, self.epoch, self.rank, worker, i)):
+                    x = self.transform(img)
             except Exception as e:  # corrupt bytes, truncated image, bad cls: skipped and counted
                 self.counts.add_bad(key, url, e)
                 continue
-            with seeded(mix_seed(self.seed, self.epoch, self.rank, worker, i)):
-                x = self.transform(img)
+            self.counts.count_fallback(x)
             yield x, label
         self._check_count(current, count)
 
@@ -290,6 +303,11 @@ class Loader:
     @property
     def samples_seen(self) -> int:
         return int(self.counts.seen.value)
+
+    @property
+    def cpu_fallbacks(self) -> int:
+        """gpu decode path: samples decoded on the CPU (PNG, WebP, CMYK JPEGs, arrays) over the loader's life."""
+        return int(self.counts.fallback.value)
 
     def __len__(self) -> int:
         return self._len
@@ -378,7 +396,7 @@ class MapLoader(Loader):
     """Loader over a map-style source (demo, fashion-mnist, cifar100, folder)."""
 
     def __init__(self, records: Records, *, transform: Callable, num_workers: int, seed: int,
-                 epoch_steps: int | None, **kw):
+                 epoch_steps: int | None, pin_memory: bool = False, **kw):
         counts = SharedCounts()
         self.records = records
         self.sampler = _EpochBatches(len(records), batch_size=kw["batch_size"], world_size=kw["world_size"],
@@ -388,7 +406,7 @@ class MapLoader(Loader):
         self.dataset = _MapDataset(records, transform, counts)
         self._dl = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, num_workers=num_workers, collate_fn=_collate,
-            persistent_workers=num_workers > 0, worker_init_fn=_worker_init)
+            persistent_workers=num_workers > 0, worker_init_fn=_worker_init, pin_memory=pin_memory)
 
     def _batches(self, epoch: int, start: int):
         self.sampler.epoch, self.sampler.start = epoch, start
@@ -399,7 +417,7 @@ class ShardLoader(Loader):
     """Loader over WebDataset shards: resampled for training, one exact pass for evaluation."""
 
     def __init__(self, shards: ShardSet, *, transform: Callable, num_workers: int, seed: int,
-                 epoch_steps: int | None, **kw):
+                 epoch_steps: int | None, pin_memory: bool = False, **kw):
         counts = SharedCounts()
         b, world, rank, train = kw["batch_size"], kw["world_size"], kw["rank"], kw["train"]
         self.shards, self.seed = shards, seed
@@ -434,7 +452,7 @@ class ShardLoader(Loader):
                                         wds.batched(b, collation_fn=_collate, partial=True))
         super().__init__(num_samples=shards.num_samples, classes=shards.classes, counts=counts, length=length, **kw)
         self._dl = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                                               worker_init_fn=_worker_init)
+                                               worker_init_fn=_worker_init, pin_memory=pin_memory)
 
     def _check_complete(self, seen: int) -> None:
         if self._expected is not None and seen != self._expected:
@@ -454,26 +472,48 @@ class ShardLoader(Loader):
         return islice(iter(self._dl), start, None)
 
 
-def augmented_loader(d, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0) -> Loader:
+def decode_path(decode: str, cuda: bool) -> str:
+    """``data.decode`` resolved: ``auto`` is ``gpu`` when the batches go to a CUDA device, else ``cpu``."""
+    if decode not in DECODE:
+        raise HDError(f"unknown data.decode {decode!r}", f"choose one of {', '.join(DECODE)}")
+    if decode == "auto":
+        return "gpu" if cuda else "cpu"
+    return decode
+
+
+def augment(img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, decode: str = "cpu"):
+    """METHOD.md's augmentation by the decode path ``decode`` (``cpu``, ``pil`` or ``gpu``; hdcli.data.decode)."""
+    if decode == "gpu":
+        return EncodedCrop(img_size, scale=scale, hflip=hflip)
+    if decode == "cpu":
+        return TrainCrop(img_size, scale=scale, hflip=hflip)
+    return train_transform(img_size, scale=scale, hflip=hflip)
+
+
+def augmented_loader(d, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                     cuda: bool = False) -> Loader:
     """The training loader of a ``[data]`` config section (``hdcli.config.DataConfig``): its source, size,
-    workers and limits, with METHOD.md's augmentation (``train_transform``). Shared by distill and MAE
-    pretraining."""
+    workers and limits, with METHOD.md's augmentation by ``data.decode`` (``cuda``: the batches go to a CUDA
+    device, where ``auto`` decodes JPEGs). Shared by distill and MAE pretraining."""
+    path = decode_path(getattr(d, "decode", "auto"), cuda)
     return build_loader(
         d.source, split="train", img_size=d.img_size, batch_size=batch_size, train=True,
         num_workers=d.num_workers, rank=rank, world_size=world_size, seed=seed,
-        transform=train_transform(d.img_size, scale=tuple(d.scale), hflip=d.hflip),
-        epoch_steps=d.epoch_steps, max_bad_fraction=d.max_bad_fraction)
+        transform=augment(d.img_size, scale=tuple(d.scale), hflip=d.hflip, decode=path),
+        epoch_steps=d.epoch_steps, max_bad_fraction=d.max_bad_fraction, pin_memory=cuda)
 
 
 def build_loader(source: str | os.PathLike | None = None, *, split: str = "train", img_size: int,
                  batch_size: int, train: bool = True, num_workers: int | None = None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, transform: Callable | None = None,
-                 epoch_steps: int | None = None, max_bad_fraction: float = 0.001) -> Loader:
+                 epoch_steps: int | None = None, max_bad_fraction: float = 0.001,
+                 pin_memory: bool = False) -> Loader:
     """Batches of ``split`` of ``source`` for rank ``rank`` of ``world_size``; see the module docstring.
 
     transform: PIL RGB image -> tensor; default :func:`train_transform` (train) or :func:`eval_transform`.
     epoch_steps: batches per epoch per rank (default: one pass over the data).
     max_bad_fraction: unreadable images allowed per epoch before an HDError (default 0.1%).
+    pin_memory: the workers' batches are copied to pinned memory (CUDA: the engine's copy is asynchronous).
     """
     if batch_size < 1:
         raise HDError(f"batch size must be at least 1, got {batch_size}")
@@ -491,7 +531,8 @@ def build_loader(source: str | os.PathLike | None = None, *, split: str = "train
     num_workers = default_num_workers() if num_workers is None else num_workers
     kw = dict(kind=src.kind, spec=src.spec, batch_size=batch_size, img_size=img_size, rank=rank,
               world_size=world_size, train=train, max_bad_fraction=max_bad_fraction)
-    common = dict(transform=transform, num_workers=num_workers, seed=seed, epoch_steps=epoch_steps)
+    common = dict(transform=transform, num_workers=num_workers, seed=seed, epoch_steps=epoch_steps,
+                  pin_memory=pin_memory)
     if src.kind == "shards":
         return ShardLoader(open_shards(src, split), **common, **kw)
     return MapLoader(open_records(src, split), **common, **kw)

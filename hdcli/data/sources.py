@@ -155,6 +155,11 @@ class Records:
     def load(self, i: int) -> Image.Image:
         raise NotImplementedError
 
+    def raw(self, i: int) -> bytes | Image.Image:
+        """Sample i as a ``raw`` transform takes it (``hdcli.data.decode``): the file's bytes, or a decoded RGB
+        image where there is no file (arrays)."""
+        return self.load(i)
+
     def encoded(self, i: int) -> tuple[str, bytes]:
         """(extension, bytes) of sample i as stored in a shard (lossless PNG for arrays)."""
         buf = io.BytesIO()
@@ -215,6 +220,9 @@ class FolderRecords(Records):
 
     def load(self, i: int) -> Image.Image:
         return open_image(self.files[i])
+
+    def raw(self, i: int) -> bytes:
+        return Path(self.files[i]).read_bytes()
 
     def encoded(self, i: int) -> tuple[str, bytes]:
         ext = os.path.splitext(self.files[i])[1].lower().lstrip(".")

@@ -354,15 +354,7 @@ def write_report(out: Path, scale: Scale, log: dict[str, dict], *, quick: bool =
         f"({scale.finetune_epochs} epochs) on the train split, scored on the held-out split; "
         f"`hd analyze` on {scale.analysis_images} held-out images.",
         "",
-        "## Watching the distillation",
-        "",
-        f"k-NN top-1 (k = 20, cosine, DINO's weighted vote) of the student's CLS and average-pooled features every "
-        f"{scale.eval_every} steps of `hd distill`, bank = {scale.eval_samples[0]} train images, queries = "
-        f"{scale.eval_samples[1]} held-out images; the teachers once, dashed (docs/distill.md \"Watching a run\"):",
-        "",
-        "![k-NN during distillation](student/plots/knn.png)",
-        "",
-        *knn_table(out / "student"),
+        *watch_section(out, scale),
         "## Attention analysis",
         "",
         "Average head distance per block (dots: heads, line: mean over heads):",
@@ -398,6 +390,21 @@ def write_report(out: Path, scale: Scale, log: dict[str, dict], *, quick: bool =
         "",
     ]
     return atomic_write(out / REPORT, "\n".join(lines))
+
+
+def watch_section(out: Path, scale: Scale) -> list[str]:
+    """The report's "Watching the distillation": the k-NN curve of the student with the teachers' lines."""
+    return [
+        "## Watching the distillation",
+        "",
+        f"k-NN top-1 (k = 20, cosine, DINO's weighted vote) of the student's CLS and average-pooled features every "
+        f"{scale.eval_every} steps of `hd distill`, bank = {scale.eval_samples[0]} train images, queries = "
+        f"{scale.eval_samples[1]} held-out images; the teachers once, dashed (docs/distill.md \"Watching a run\"):",
+        "",
+        "![k-NN during distillation](student/plots/knn.png)",
+        "",
+        *knn_table(out / "student"),
+    ]
 
 
 def knn_table(run: Path) -> list[str]:

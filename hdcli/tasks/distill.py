@@ -170,7 +170,8 @@ class DistillTask(Task):
 
     def train_loader(self, *, rank: int, world_size: int, seed: int):
         return data.augmented_loader(self.cfg.data, self.cfg.train.batch_size, rank=rank,
-                                     world_size=world_size, seed=seed)
+                                     world_size=world_size, seed=seed,
+                                     cuda=torch.cuda.is_available() and not self.cfg.train.cpu)
 
     def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         from hdcli.watch.signals import grad_shares

@@ -1,4 +1,5 @@
-"""Throughput, achieved FLOP/s and MFU of a distillation step; decode + augment speed of a data source.
+"""Throughput, achieved FLOP/s and MFU of a distillation step (``hd bench distill``; ``hd bench data`` is
+:mod:`hdcli.tools.databench`).
 
 ``distill`` times the REAL training step: it runs ``hdcli.train.engine.train`` on a ``hdcli.tasks.distill.DistillTask``
 (random weights of the real architectures, ``random:ARCH`` teachers) whose data is one synthetic uint8
@@ -17,7 +18,9 @@ two engine steps, outside the steps' timing, so that all figures see the same lo
 every step is timed and medians (of ratios of neighbouring figures, for the ratios) are reported. On
 CUDA the parts run after the timed window and the step time is the mean over the window, synchronised
 only at its ends (the host runs ahead as in training). ``compare_drop_ratio`` alternates the engine's
-steps between the method and the same method at another drop ratio (``_Alternate``).
+steps between the method and the same method at another drop ratio (``_Alternate``); ``signals`` between plain
+steps and logged ones (with the per-target signals); ``data`` between the synthetic batch and a real loader's
+(``_Mixed``).
 """
 
 from __future__ import annotations
@@ -78,6 +81,9 @@ class DistillBench:
     reference_reps: int = 1  # pairs (MIM teacher part, plain timm) timed between two steps
     compare_drop_ratio: float | None = None  # alternate engine steps with a method at this drop ratio
     signals: bool = False  # alternate engine steps with and without the per-target signals (logged steps)
+    data: str | None = None  # alternate engine steps fed by this source's real loader and by the synthetic batch
+    workers: int | None = None  # data workers of the real loader (default: hdcli.data.default_num_workers)
+    decode: str = "auto"  # data.decode of the real loader
     gemm: bool = True
     gemm_size: int | None = None
     interleave: bool | None = None  # None: on the CPU yes, on CUDA no
@@ -88,7 +94,7 @@ class DistillBench:
     @property
     def per(self) -> int:
         """Engine steps per timed pair: 2 when steps alternate (a drop-ratio comparison or the signals), else 1."""
-        return 2 if self.compare_drop_ratio is not None or self.signals else 1
+        return 2 if self.compare_drop_ratio is not None or self.signals or self.data is not None else 1
 
     def overrides(self) -> dict:
         """timm kwargs applied to the student and both teachers (tiny configs for the CPU)."""
@@ -139,8 +145,8 @@ def _check(b: DistillBench, device: torch.device) -> None:
         raise HDError(f"unknown --relation-heads {b.relation_heads!r}", did_you_mean(b.relation_heads, ("auto", "match", "mean")))
     if b.compare_drop_ratio is not None:
         check_drop_ratio(b.compare_drop_ratio)
-        if b.signals:
-            raise HDError("--signals and --compare-drop-ratio both alternate the steps", "give one of them")
+    if sum((b.compare_drop_ratio is not None, b.signals, b.data is not None)) > 1:
+        raise HDError("--compare-drop-ratio, --signals and --data each alternate the steps", "give one of them")
     if b.reference_reps < 1:
         raise HDError(f"reference_reps must be at least 1, got {b.reference_reps}")
     if b.gemm_size is not None and b.gemm_size < 1:
@@ -177,6 +183,13 @@ def _config(b: DistillBench, mim_arch: str, feat_arch: str):
     cfg.optim.warmup_steps = 1
     cfg.data.img_size = b.img_size
     cfg.data.num_workers = 0
+    if b.data is not None:
+        from hdcli.data import default_num_workers
+
+        cfg.data.source = b.data
+        cfg.data.num_workers = default_num_workers() if b.workers is None else b.workers
+        cfg.data.epoch_steps = n
+        cfg.data.decode = b.decode
     cfg.student.arch = b.student
     cfg.student.patch_size = b.patch_size
     cfg.student.kwargs = dict(over)
@@ -209,6 +222,25 @@ class _Batches:
     def __iter__(self):
         for _ in range(self.n):
             yield self.batch
+
+
+class _Mixed:
+    """Odd batches from the real loader, even ones the synthetic batch: step i's timing (which ends when batch
+    i + 1 is in hand) includes fetching a real batch for even i, the synthetic one for odd i."""
+
+    def __init__(self, real, batch, n: int):
+        self.real, self.batch, self.n = real, batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        it = iter(self.real)
+        for k in range(self.n):
+            yield next(it) if k % 2 else self.batch
+
+    def close(self) -> None:
+        getattr(self.real, "close", lambda: None)()
 
 
 @dataclass
@@ -246,7 +278,8 @@ class _Alternate(torch.nn.Module):
 
 def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sync_at: set[int],
                 between: Callable[[object, int], None] | None = None, which: Callable[[int], int] | None = None,
-                compare_drop_ratio: float | None = None, signals: bool = False, debug_from: int | None = None):
+                compare_drop_ratio: float | None = None, signals: bool = False, real_data: bool = False,
+                debug_from: int | None = None):
     """A DistillTask (the real one: same models, method and loss) fed by ``batch``. At the start of every
     step's loss it reads the clock, runs ``between(method, step)`` (outside the timed step) and reads the
     clock again; at call ``stop_at`` it raises _Stop. With ``compare_drop_ratio`` the task's module
@@ -268,6 +301,8 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
                 self.model = _Alternate(self.method, other)
 
         def train_loader(self, *, rank: int, world_size: int, seed: int):
+            if real_data:
+                return _Mixed(super().train_loader(rank=rank, world_size=world_size, seed=seed), batch, cfg.train.steps)
             return _Batches(batch, cfg.train.steps)
 
         def loss(self, model, b):
@@ -374,7 +409,14 @@ def distill(b: DistillBench) -> dict:
         result["host_syncs"] = {"per_step": len(syncs) / b.steps, "where": where}
     result["flops_per_image"] = model.as_dict()
     result["gflops_per_image"] = model.total / 1e9
-    if b.signals:
+    if b.data is not None:
+        other_s = [clock.step(i) for i in range(w.first + 1, w.last, 2)]
+        samples["synthetic_step"] = [1e3 * x for x in other_s]
+        ratio = statistics.median(x / y for x, y in zip(step_s, other_s, strict=True))
+        result["data"] = {"source": b.data, "workers": cfg.data.num_workers, "decode": b.decode,
+                          "synthetic_step_ms": median_ms(other_s), "real_over_synthetic": ratio,
+                          "waited_for_data": ratio > 1.05}
+    elif b.signals:
         other_s = [clock.step(i) for i in range(w.first + 1, w.last, 2)]
         samples["signals_step"] = [1e3 * x for x in other_s]
         ratio = statistics.median(y / x for x, y in zip(step_s, other_s, strict=True))
@@ -422,6 +464,7 @@ def _run_engine(b: DistillBench, cfg, batch, w: _Window):
                                between=between if w.interleave and w.extras else None,
                                which=(lambda i: i % 2) if b.compare_drop_ratio is not None else None,
                                compare_drop_ratio=b.compare_drop_ratio, signals=b.signals,
+                               real_data=b.data is not None,
                                debug_from=w.first if debug else None)
     if w.cuda:
         torch.cuda.reset_peak_memory_stats(w.device)
@@ -496,48 +539,3 @@ def _record(b: DistillBench, cfg, w: _Window, method, archs: tuple[str, str], *,
 
 
 # ---------------------------------------------------------------- data
-
-def data(source: str | None, *, img_size: int = 224, batch_size: int = 64, workers: int | None = None,
-         batches: int = 20, warmup: int = 2, split: str = "train") -> dict:
-    """Decode + augment throughput of ``source`` through ``hdcli.data.build_loader`` (training transform:
-    RandomResizedCrop + flip, uint8 out). Returns {"images_per_s", "per_worker_images_per_s", "batch_ms",
-    "workers", "config"}; per worker = total / max(1, workers) (0 workers: the main process decodes)."""
-    from hdcli import data as data_lib
-
-    for what, v in (("--batch-size", batch_size), ("--batches", batches), ("--img-size", img_size)):
-        if v < 1:
-            raise HDError(f"{what} must be at least 1, got {v}")
-    if warmup < 0:
-        raise HDError(f"--warmup must be ≥ 0, got {warmup}")
-    workers = data_lib.default_num_workers() if workers is None else workers
-    if workers < 0:
-        raise HDError(f"--workers must be ≥ 0, got {workers}")
-    loader = data_lib.build_loader(source, split=split, img_size=img_size, batch_size=batch_size, train=True,
-                                   num_workers=workers, transform=data_lib.train_transform(img_size),
-                                   epoch_steps=warmup + batches)
-    stamps, sizes = [], []
-    t0 = time.perf_counter()
-    for i, (x, _) in enumerate(loader):
-        if i >= warmup:
-            sizes.append(int(x.shape[0]))
-        stamps.append(time.perf_counter())
-        if i + 1 >= warmup + batches:
-            break
-    if len(stamps) < warmup + batches:
-        raise HDError(f"{source} gave only {len(stamps)} batches", "lower --batches or --batch-size")
-    start = stamps[warmup - 1] if warmup else t0
-    secs = stamps[-1] - start
-    n = sum(sizes)
-    ips = n / secs
-    return {
-        "images_per_s": ips,
-        "per_worker_images_per_s": ips / max(1, workers),
-        "batch_ms": 1e3 * secs / batches,
-        "workers": workers,
-        "bad_samples": loader.bad_samples,
-        "config": {"source": source or "demo", "split": split, "img_size": img_size, "batch_size": batch_size,
-                   "batches": batches, "warmup": warmup, "transform": "train (RandomResizedCrop + flip)",
-                   "threads": torch.get_num_threads(), "load": loadavg()},
-    }
-
-

@@ -465,7 +465,12 @@ def _train_mode(r: _Run) -> None:
 # ---------------------------------------------------------------- helpers of the loop
 
 def to_device(batch, device: torch.device):
-    """Tensors of a (nested) batch to ``device``; on CUDA through pinned memory so the copy is asynchronous."""
+    """Tensors of a (nested) batch to ``device``; on CUDA through pinned memory so the copy is asynchronous.
+    An ``EncodedBatch`` (the gpu decode path) is decoded on ``device``."""
+    from hdcli.data.decode import EncodedBatch
+
+    if isinstance(batch, EncodedBatch):
+        return batch.to(device)
     if isinstance(batch, torch.Tensor):
         if device.type == "cuda" and batch.device.type == "cpu" and not batch.is_pinned():
             batch = batch.pin_memory()
