@@ -3,6 +3,7 @@ faster CPU path and the GPU path (run here on the CPU device) change, bounded; m
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -86,7 +87,7 @@ def test_cpu_and_gpu_paths_stay_within_a_level_of_the_reference(size):
             with seeded(k):
                 fast = cpu(jpg)
             with seeded(k):
-                dev = EncodedBatch([gpu(jpg)], 224).to("cpu")[0]
+                dev = EncodedBatch.of([gpu(jpg)]).to("cpu")[0]
             assert fast.shape == dev.shape == want.shape == (3, 224, 224)
             assert _mad(fast, want) <= (0.3 if size[0] < 1000 else 3.0)
             assert _mad(dev, want) <= 0.3
@@ -104,7 +105,7 @@ def test_non_jpeg_samples_are_cropped_on_the_cpu_and_counted_as_fallbacks():
         with seeded(1):
             items.append(gpu(raw))
     assert [e.crop is None for e in items] == [True, True, False, False]
-    batch = EncodedBatch(items, 64)
+    batch = EncodedBatch.of(items)
     assert batch.fallbacks == 2
     out = batch.to("cpu")
     assert out.shape == (4, 3, 64, 64) and out.dtype == torch.uint8
@@ -152,16 +153,38 @@ def test_mixed_sources_decode_or_count_bad_alike_on_every_path(tmp_path, kind):
     assert _mad(cpu, ref) <= 1.0 and _mad(gpu, ref) <= 1.0
 
 
-def test_a_truncated_jpeg_is_refused_in_the_worker_and_a_corrupt_one_does_not_stop_the_batch():
+def test_truncated_corrupt_and_trailing_data_jpegs_on_the_gpu_path():
+    """A truncated JPEG goes to the CPU path in the worker and fails there (counted as unreadable); one with data
+    after its end marker decodes as on the other paths; one whose body is destroyed (markers intact) only fails
+    on the device: it is decoded by PIL, or trained as black, and never stops the batch."""
     jpg = _jpeg(_photos()[0].resize((80, 60)))
-    with pytest.raises(OSError, match="truncated JPEG"):
-        EncodedCrop(32)(jpg[: len(jpg) // 2])
-    good = EncodedCrop(32)(jpg)
-    broken = EncodedCrop(32)(jpg)
-    broken.data = broken.data.clone()
-    broken.data[200:600] = 7  # entropy-coded data destroyed, markers intact
-    out = EncodedBatch([good, broken], 32).to("cpu")
-    assert out.shape == (2, 3, 32, 32) and torch.equal(out[0], EncodedBatch([good], 32).to("cpu")[0])
+    gpu = EncodedCrop(32)
+    with pytest.raises(OSError):
+        gpu(jpg[: len(jpg) // 2])
+    trailing = gpu(jpg + b"motion photo or camera metadata" * 10)
+    assert trailing.crop is None and trailing.data.shape == (3, 32, 32)  # cropped on the CPU, not refused
+    good, broken = gpu(jpg), gpu(jpg)
+    body = bytearray(broken.data)
+    body[200:600] = b"\x07" * 400  # entropy-coded data destroyed, markers intact
+    broken = dataclasses.replace(broken, data=bytes(body))
+    out = EncodedBatch.of([good, broken]).to("cpu")
+    assert out.shape == (2, 3, 32, 32) and torch.equal(out[0], EncodedBatch.of([good]).to("cpu")[0])
+    dead = dataclasses.replace(good, data=b"\xff\xd8\xff\xd9")  # a JPEG with nothing in it
+    out = EncodedBatch.of([good, dead]).to("cpu")
+    assert out.shape == (2, 3, 32, 32) and int(out[1].max()) == 0
+
+
+def test_a_gpu_batch_crosses_processes_as_two_tensors():
+    """One shared-memory block per batch for the bytes and one for the CPU fallbacks, not one per sample (a
+    file descriptor each: 8 workers x 256 images would exhaust the default limit)."""
+    img = _photos()[0].resize((90, 60))
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    items = [EncodedCrop(32)(raw) for raw in (_jpeg(img), png.getvalue(), _jpeg(img, quality=70))]
+    batch = EncodedBatch.of(items)
+    tensors = [v for v in vars(batch).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) == 2 and batch.decoded.shape == (1, 3, 32, 32) and batch.fallbacks == 1
+    assert batch.data.numel() == len(items[0].data) + len(items[2].data)
 
 
 def test_gpu_path_splits_ranks_like_the_cpu_path():
@@ -191,9 +214,13 @@ def test_gpu_path_resumes_mid_epoch_at_the_same_samples(tmp_path):
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(full[3:], resumed, strict=True))
 
 
-def test_decode_setting_resolves_and_rejects():
-    assert data.decode_path("auto", cuda=True) == "gpu" and data.decode_path("auto", cuda=False) == "cpu"
+def test_decode_setting_resolves_and_rejects(tmp_path):
+    (tmp_path / "a").mkdir()
+    _photos()[0].save(tmp_path / "a" / "x.jpg")
+    assert data.decode_path("auto", cuda=True, source=str(tmp_path)) == "gpu"
+    assert data.decode_path("auto", cuda=False, source=str(tmp_path)) == "cpu"
     assert data.decode_path("pil", cuda=True) == "pil"
+    assert data.decode_path("auto", cuda=True, source="demo") == "cpu"  # in-memory arrays: nothing to decode
     from hdcli.errors import HDError
 
     with pytest.raises(HDError, match="unknown data.decode 'nvjpeg'"):

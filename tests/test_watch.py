@@ -3,8 +3,10 @@ and the in-run evaluation of ``hd distill`` end to end on the demo digits."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,6 +171,26 @@ def test_eval_set_is_seeded_disjoint_and_split_across_ranks_in_one_order(tmp_pat
     assert len(colour) == 16 and not any(tuple(im[:, 0, 0].tolist()) in colour for im in queries.images)
 
 
+def test_shard_eval_set_reads_only_what_it_needs_and_splits_across_ranks(tmp_path):
+    from hdcli import data
+    from hdcli.watch.monitor import embed_part, load_eval_set
+
+    data.write_shards("demo", tmp_path / "wds", maxcount=200, shuffle=False)
+    kw = dict(img_size=32, samples=[40, 20], seed=0, num_workers=0)
+    bank, queries, what = load_eval_set(str(tmp_path / "wds"), rank=0, world=1, **kw)
+    assert len(bank.labels) == 40 and len(queries.labels) == 20 and "val shards" in what
+    parts = [load_eval_set(str(tmp_path / "wds"), rank=r, world=2, **kw) for r in range(2)]
+    pos = torch.cat([p[0].position for p in parts])
+    assert sorted(pos.tolist()) == list(range(40))  # 40 in all, from each rank's own shards (not the 1-rank set)
+    assert sum(len(p[1].labels) for p in parts) == 20
+    probe = load_eval_set(str(tmp_path / "wds"), rank=0, world=1, positions=slice(0, 8), **kw)[1]
+    assert torch.equal(probe.images, queries.images[:8])
+    # a rank with nothing to embed still gathers [0, D]
+    empty = type(bank)(bank.images[:0], bank.labels[:0], bank.position[:0])
+    cls, avg = embed_part(empty, lambda x: torch.ones(len(x), 5, 7), torch.device("cpu"), contextlib.nullcontext, 32)
+    assert cls.shape == avg.shape == (0, 7)
+
+
 def test_default_schedule_keeps_evaluation_within_its_share_of_the_wall_time():
     import time
 
@@ -273,6 +295,21 @@ def test_wandb_offline_writes_its_run_directory(tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb")), sorted(p.name for p in (out / "wandb").iterdir())
     assert not (out / "plots").exists()
+
+
+def test_wandb_without_a_login_fails_in_one_line_before_training(tmp_path):
+    pytest.importorskip("wandb")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "cfg"), WANDB_SILENT="true")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "hdcli", "distill", "--teachers", TEACHERS, *DEMO_SCALE, "--steps", "2",
+                        "--tracker", "wandb", "--no-plot", "--out", str(tmp_path / "run")], capture_output=True,
+                       text=True, env={**env, "COLUMNS": "200"}, cwd=str(Path(__file__).resolve().parents[1]),
+                       timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "could not start" in r.stderr and "WANDB_MODE=offline" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "run" / "checkpoints" / "step_0000002").exists()
 
 
 def test_an_unlabelled_or_unknown_eval_source_fails_in_one_line(tmp_path):

@@ -124,16 +124,19 @@ class TrainCrop:
 
 @dataclass
 class Encoded:
-    """A sample for the device: its JPEG bytes (uint8 [n]) and crop, or an already cropped image (CPU fallback)."""
+    """A sample for the device (made in a worker): its JPEG bytes and crop, or an image the worker cropped itself
+    (CPU fallback: ``crop`` None, ``data`` uint8 [3, S, S])."""
 
-    data: torch.Tensor
-    crop: Crop | None  # None: ``data`` is the decoded uint8 [3, S, S] crop
+    data: bytes | torch.Tensor
+    crop: Crop | None
     size: int  # S, the output size
 
 
 class EncodedCrop:
     """The ``gpu`` path in the workers: read the header, draw the crop; plain JPEGs go to the device as bytes,
-    anything else is decoded here by the ``cpu`` path. Takes encoded bytes (``raw = True``)."""
+    anything else is cropped here by the ``cpu`` path (also a JPEG that does not end in its end-of-image marker:
+    trailing metadata decodes there, a truncated file fails there and is counted as unreadable). Takes encoded
+    bytes (``raw = True``)."""
 
     raw = True
 
@@ -146,65 +149,89 @@ class EncodedCrop:
             return Encoded(self.cpu(data), None, self.size)
         img = Image.open(io.BytesIO(data))  # header only
         c = self.cpu.sampler(*img.size)
-        if img.format == "JPEG" and img.mode in ("RGB", "L"):  # what nvJPEG decodes to RGB
-            if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # no end-of-image marker: truncated, counted as bad
-                raise OSError("truncated JPEG (no end-of-image marker)")
-            return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), c, self.size)
+        plain = img.format == "JPEG" and img.mode in ("RGB", "L")  # what nvJPEG decodes to RGB
+        if plain and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+            return Encoded(bytes(data), c, self.size)
         return Encoded(self.cpu.pil(img, c), None, self.size)
 
 
 @dataclass
 class EncodedBatch:
-    """A batch of ``Encoded`` samples; ``.to(device)`` decodes it there -> uint8 [B, 3, S, S] (what the loaders'
-    other paths give). ``fallbacks``: samples of the batch decoded on the CPU."""
+    """A batch of the gpu path, made by the worker's collate (``of``) as two tensors, so that one batch crosses
+    to the main process as two shared-memory blocks, not one per sample: ``data`` all JPEG bytes concatenated
+    (``bounds`` per sample), ``decoded`` the CPU fallbacks stacked, ``crops`` (None for a fallback).
+    ``.to(device)`` decodes it there -> uint8 [B, 3, S, S], what the other paths give."""
 
-    items: list[Encoded]
+    data: torch.Tensor  # uint8 [total bytes]
+    bounds: list[tuple[int, int]]  # (start, end) in data per sample; (0, 0) for a fallback
+    crops: list[Crop | None]
+    decoded: torch.Tensor  # uint8 [fallbacks, 3, S, S]
     size: int
 
     dtype = torch.uint8
 
+    @classmethod
+    def of(cls, items: list[Encoded], size: int | None = None) -> EncodedBatch:
+        size = items[0].size if items else int(size or 0)
+        jpegs = [e.data for e in items if e.crop is not None]
+        bounds, at = [], 0
+        for e in items:
+            n = len(e.data) if e.crop is not None else 0
+            bounds.append((at, at + n))
+            at += n
+        data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8) if at else torch.empty(0, dtype=torch.uint8)
+        fallbacks = [e.data for e in items if e.crop is None]
+        decoded = torch.stack(fallbacks) if fallbacks else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        return cls(data, bounds, [e.crop for e in items], decoded, size)
+
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """The decoded batch's shape [B, 3, S, S]."""
-        return (len(self.items), 3, self.size, self.size)
+        return (len(self.crops), 3, self.size, self.size)
 
     @property
     def fallbacks(self) -> int:
-        return sum(e.crop is None for e in self.items)
+        return len(self.decoded)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.crops)
 
     def to(self, device, non_blocking: bool = False) -> torch.Tensor:
-        return decode_batch(self.items, self.size, torch.device(device))
+        return decode_batch(self, torch.device(device))
 
     def pin_memory(self) -> EncodedBatch:
+        self.decoded = self.decoded.pin_memory()
         return self
 
     def is_pinned(self) -> bool:
         return True
 
 
-def decode_batch(items: list[Encoded], size: int, device: torch.device) -> torch.Tensor:
+def decode_batch(batch: EncodedBatch, device: torch.device) -> torch.Tensor:
     """Decode, crop, resize (bicubic, antialiased, as PIL) and flip a batch on ``device`` -> uint8 [B, 3, S, S]."""
-    out = torch.empty(len(items), 3, size, size, dtype=torch.uint8, device=device)
-    jpegs = [i for i, e in enumerate(items) if e.crop is not None]
-    for i, e in enumerate(items):
-        if e.crop is None:
-            out[i] = e.data.to(device, non_blocking=True)
+    size = batch.size
+    out = torch.empty(len(batch), 3, size, size, dtype=torch.uint8, device=device)
+    jpegs = [i for i, c in enumerate(batch.crops) if c is not None]
+    fallbacks = [i for i, c in enumerate(batch.crops) if c is None]
+    if fallbacks:
+        out[fallbacks] = batch.decoded.to(device, non_blocking=True)
     if jpegs:
+        views = [batch.data[batch.bounds[i][0]:batch.bounds[i][1]] for i in jpegs]
         try:
-            decoded = decode_jpeg([items[i].data for i in jpegs], device=device)
-        except RuntimeError:  # a corrupt file the header check let through: find it, decode the rest one by one
-            decoded = [_decode_one(items[i].data, device) for i in jpegs]
+            decoded = decode_jpeg(views, device=device)
+        except RuntimeError:  # a corrupt file the header check let through: decode the rest one by one
+            decoded = [_decode_one(v, device) for v in views]
         for i, img in zip(jpegs, decoded, strict=True):
-            out[i] = crop_resize(img, items[i].crop, size)
+            if img is None:
+                out[i].zero_()
+            else:
+                out[i] = crop_resize(img, batch.crops[i], size)
     return out
 
 
-def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """One JPEG on ``device``, else by PIL on the CPU; an undecodable one becomes black, with a warning (the
-    workers count unreadable files, this one only showed on the device)."""
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """One JPEG on ``device``, else by PIL on the CPU; None (trained as black, with a warning) when neither can:
+    the workers count unreadable files, this one only showed on the device."""
     try:
         return decode_jpeg(data, device=device)
     except RuntimeError:
@@ -214,7 +241,7 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
             from hdcli import ui
 
             ui.warn(f"a JPEG of the batch could not be decoded on {device} nor by PIL ({e}): it is trained as black")
-            return torch.zeros(3, 8, 8, dtype=torch.uint8, device=device)
+            return None
 
 
 def crop_resize(img: torch.Tensor, c: Crop, size: int) -> torch.Tensor:

@@ -164,7 +164,7 @@ def _collate(items):
         return None
     if isinstance(items[0][0], Encoded):  # the gpu path: decoded where the batch goes (EncodedBatch.to)
         labels = torch.tensor([y for _, y in items], dtype=torch.long)
-        return EncodedBatch([x for x, _ in items], items[0][0].size), labels
+        return EncodedBatch.of([x for x, _ in items]), labels
     images = torch.stack([x for x, _ in items])  # [B, 3, H, W]
     labels = torch.tensor([y for _, y in items], dtype=torch.long)  # [B]
     return images, labels
@@ -472,12 +472,13 @@ class ShardLoader(Loader):
         return islice(iter(self._dl), start, None)
 
 
-def decode_path(decode: str, cuda: bool) -> str:
-    """``data.decode`` resolved: ``auto`` is ``gpu`` when the batches go to a CUDA device, else ``cpu``."""
+def decode_path(decode: str, cuda: bool, source=None) -> str:
+    """``data.decode`` resolved: ``auto`` is ``gpu`` when the batches go to a CUDA device and the source holds
+    files (folders, shards), else ``cpu`` (the built-in sets are in-memory arrays: nothing to decode)."""
     if decode not in DECODE:
         raise HDError(f"unknown data.decode {decode!r}", f"choose one of {', '.join(DECODE)}")
     if decode == "auto":
-        return "gpu" if cuda else "cpu"
+        return "gpu" if cuda and parse_source(source).kind in ("folder", "shards") else "cpu"
     return decode
 
 
@@ -495,7 +496,7 @@ def augmented_loader(d, batch_size: int, *, rank: int = 0, world_size: int = 1, 
     """The training loader of a ``[data]`` config section (``hdcli.config.DataConfig``): its source, size,
     workers and limits, with METHOD.md's augmentation by ``data.decode`` (``cuda``: the batches go to a CUDA
     device, where ``auto`` decodes JPEGs). Shared by distill and MAE pretraining."""
-    path = decode_path(getattr(d, "decode", "auto"), cuda)
+    path = decode_path(getattr(d, "decode", "auto"), cuda, d.source)
     return build_loader(
         d.source, split="train", img_size=d.img_size, batch_size=batch_size, train=True,
         num_workers=d.num_workers, rank=rank, world_size=world_size, seed=seed,

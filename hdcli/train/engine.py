@@ -128,6 +128,7 @@ def _loop(r: _Run, start: int, signals: Signals, *, resumed: bool) -> tuple[int 
             stopped = guard.after_step(bad, signals.received, done)
             log.step_done()
             epochs_done = r.accum * done // r.per_epoch
+            # also when stopping: a resumed run starts after this step and would never evaluate it
             evaluate = r.task.eval_at(done, n_steps=r.n_steps,
                                       epoch_end=epochs_done > r.accum * (done - 1) // r.per_epoch)
             if logged or stopped or evaluate:
@@ -522,8 +523,12 @@ def _init_trackers(r: _Run) -> None:
     from hdcli.config import to_dict
 
     init = {"wandb": {"dir": str(r.run_dir), "name": r.run_dir.name, "config": to_dict(r.cfg)}}
-    r.accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hd") if "wandb" in r.cfg.train.all_trackers
-                                else "tensorboard", init_kwargs=init)
+    try:
+        r.accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hd") if "wandb" in r.cfg.train.all_trackers
+                                    else "tensorboard", init_kwargs=init)
+    except Exception as e:  # noqa: BLE001 - e.g. wandb's UsageError: no API key on a machine that never logged in
+        raise HDError(f"--tracker {','.join(r.cfg.train.all_trackers)} could not start: {type(e).__name__}: {e}",
+                      "for wandb: `wandb login`, or WANDB_MODE=offline (sync later with `wandb sync`)") from None
 
 
 def _plot(run_dir: Path) -> None:

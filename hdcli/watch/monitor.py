@@ -5,7 +5,8 @@ The eval set is decoded once per run (each rank its share, with the data workers
 tensors, so an evaluation is forward passes only. The k-NN bank comes from the train split of the eval
 source, the queries from its val split, or from held-out train images where it has none. Each rank embeds
 its share; the bank is gathered (in the 1-rank order, so any number of ranks gives the same number), each
-rank classifies its queries and the hits are summed.
+rank classifies its queries and the hits are summed. Shards are split by rank as files, so there each rank
+takes the first samples of its own shards: the same set for a given number of ranks, not across numbers.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def load_eval_set(source, *, img_size: int, samples: list[int] | None, seed: int
     src = data.parse_source(source)
     held_out = not data.has_split(source, "val")
     if src.kind == "shards":
-        return _load_shards(source, tf, img_size, samples, held_out, rank, world, positions)
+        return _load_shards(source, tf, img_size, samples, held_out, rank, world, positions, num_workers)
     train = data.open_records(src, "train")
     val = None if held_out else data.open_records(src, "val")
     nb, nq = eval_sizes(samples, len(train), None if val is None else len(val))
@@ -115,34 +116,48 @@ def load_eval_set(source, *, img_size: int, samples: list[int] | None, seed: int
     return bank, queries, f"{nb} train images, {nq} queries from {where} of {src.spec}"
 
 
-def _load_shards(source, tf, img_size, samples, held_out, rank, world, positions):
-    """Shards: one deterministic pass (split by rank) of the train split (bank, then held-out queries) and of
-    the val split; positions interleave the ranks (position = i·world + rank)."""
+def _load_shards(source, tf, img_size, samples, held_out, rank, world, positions, num_workers=0):
+    """Shards: one deterministic pass (split by rank) over the first samples of the train split (the bank, then
+    the held-out queries) and of the val split, read only as far as needed; positions interleave the ranks
+    (position = i·world + rank). ``positions`` (the probe): those query positions, read by this process alone."""
     n_train = data.num_samples(source, "train")
     n_val = None if held_out else data.num_samples(source, "val")
     nb, nq = eval_sizes(samples, n_train, n_val)
     if positions is not None:
         rank, world = 0, 1
 
-    def take(split: str, skip: int, n: int) -> Part:
-        per_rank = math.ceil((skip + n) / world)
+    def take(split: str, ranges: list[tuple[int, int]]) -> list[Part]:
+        """Parts for the position ranges [lo, hi) of one pass over ``split``, filtered while streaming."""
+        end = max(hi for _, hi in ranges)
+        per_rank = math.ceil(end / world)
         loader = data.build_loader(source, split=split, img_size=img_size, batch_size=64, train=False,
-                                   num_workers=0, rank=rank, world_size=world, transform=tf,
+                                   num_workers=num_workers, rank=rank, world_size=world, transform=tf,
                                    epoch_steps=max(1, math.ceil(per_rank / 64)))
-        imgs, labels = [], []
+        got: list[list[tuple]] = [[] for _ in ranges]
+        seen = 0
         for x, y in loader:
-            imgs.append(x)
-            labels.append(y)
-        x, y = torch.cat(imgs)[:per_rank], torch.cat(labels)[:per_rank]
-        pos = torch.arange(len(x)) * world + rank
-        keep = (pos >= skip) & (pos < skip + n)
-        return Part(x[keep], y[keep], pos[keep] - skip)
+            pos = (torch.arange(len(x)) + seen) * world + rank
+            seen += len(x)
+            for k, (lo, hi) in enumerate(ranges):
+                keep = (pos >= lo) & (pos < hi)
+                if keep.any():
+                    got[k].append((x[keep], y[keep], pos[keep] - lo))
+            if seen >= per_rank:
+                break
+        loader.close()
+        return [Part(*(torch.cat(t) for t in zip(*g, strict=True))) if g else
+                Part(torch.empty(0, 3, img_size, img_size, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
+                     torch.empty(0, dtype=torch.long)) for g in got]
 
-    bank = None if positions is not None else take("train", 0, nb)
-    queries = take("train", nb, nq) if held_out else take("val", 0, nq)
     if positions is not None:
-        keep = torch.isin(queries.position, torch.arange(nq)[positions])
-        queries = Part(queries.images[keep], queries.labels[keep], queries.position[keep])
+        want = range(nq)[positions]
+        lo, hi = (want.start, want.stop) if len(want) else (0, 0)
+        queries = take("train", [(nb + lo, nb + hi)])[0] if held_out else take("val", [(lo, hi)])[0]
+        return None, Part(queries.images, queries.labels, queries.position + lo), ""
+    if held_out:
+        bank, queries = take("train", [(0, nb), (nb, nb + nq)])
+    else:
+        bank, queries = take("train", [(0, nb)])[0], take("val", [(0, nq)])[0]
     where = "held-out train samples" if held_out else "the val shards"
     return bank, queries, f"{nb} train samples, {nq} queries from {where} of {source}"
 
@@ -155,18 +170,19 @@ def token_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def embed_part(part: Part, tokens: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-               autocast) -> tuple[torch.Tensor, torch.Tensor]:
+               autocast, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(CLS features, average-pooled patch features) [m, D] fp32 of a part; ``tokens`` maps ImageNet-normalised
-    images on ``device`` to final tokens [B, T, D] (CLS first)."""
+    images on ``device`` to final tokens [B, T, D] (CLS first). An empty part gives [0, D] (one blank image is
+    embedded for D), so that every rank gathers tensors of the same width."""
     cls, avg = [], []
+    images = part.images if len(part.images) else torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8)
     with torch.inference_mode(), autocast():
-        for i in range(0, len(part.images), BATCH):
-            t = tokens(data.normalize(part.images[i:i + BATCH].to(device, non_blocking=True))).float()
+        for i in range(0, len(images), BATCH):
+            t = tokens(data.normalize(images[i:i + BATCH].to(device, non_blocking=True))).float()
             cls.append(t[:, 0])
             avg.append(t[:, 1:].mean(dim=1))
-    if not cls:
-        return torch.empty(0, 0, device=device), torch.empty(0, 0, device=device)
-    return torch.cat(cls), torch.cat(avg)
+    cls, avg = torch.cat(cls), torch.cat(avg)
+    return (cls, avg) if len(part.images) else (cls[:0], avg[:0])
 
 
 def gather_ordered(accelerator, position: torch.Tensor, *rows: torch.Tensor) -> list[torch.Tensor]:
@@ -258,8 +274,8 @@ class KnnMonitor:
         if self.bank is None:
             self._setup(accelerator)
         device = accelerator.device
-        bank = embed_part(self.bank, tokens, device, accelerator.autocast)
-        queries = embed_part(self.queries, tokens, device, accelerator.autocast)
+        bank = embed_part(self.bank, tokens, device, accelerator.autocast, self.img_size)
+        queries = embed_part(self.queries, tokens, device, accelerator.autocast, self.img_size)
         out = {}
         for which, b, q in zip(("cls", "avg"), bank, queries, strict=True):
             full = gather_ordered(accelerator, self.bank.position, b)[0]
