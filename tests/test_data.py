@@ -497,8 +497,9 @@ def test_a_link_loop_in_an_image_folder_is_followed_once_with_a_warning(tmp_path
         _png(root / ("a" if i % 2 else "b") / f"{i}.png", i)
     (root / "a" / "self").symlink_to(root)  # ln -s .. a/self: a loop (timm's reader never ends)
     (root / "twice").symlink_to(root / "b")  # a second way into b: read once
+    # a wide console: at 80 columns the warning wraps where the tmp path's length puts it (pytest-99 vs -100)
     r = subprocess.run([sys.executable, "-m", "hdcli", "data", "info", str(root), "--json"], capture_output=True,
-                       text=True, timeout=120, cwd=REPO)
+                       text=True, timeout=120, cwd=REPO, env={**os.environ, "COLUMNS": "400"})
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["splits"]["train"]["samples"] == 40 and info["classes"] == ["a", "b"]
