@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdcli import masking as masking_lib
+from hdcli import norms
 from hdcli.config import RELATION_HEADS
 from hdcli.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from hdcli.errors import HDError, did_you_mean
@@ -41,6 +42,11 @@ class Target:
     block), ``msa`` (attention branch output of each block). ``student_blocks`` are the matching
     student blocks (default: the same indices). Losses over several blocks are averaged, then
     multiplied by ``weight``. ``name`` defaults to ``"<teacher>/<kind>"`` (the key in ``out.parts``).
+
+    Tokens (docs/method.md "Prefix tokens"): the kept patches, plus the CLS token when both models have one;
+    ``registers`` also matches register tokens (equal counts needed). ``pooled``: a ``features`` target of a
+    teacher without a class token gives the student's CLS the teacher's pooled summary (its MAP / average
+    pool). ``norm``: how a feature-like target is normalised (``hdcli.norms``: layernorm | standardize | phis).
     """
 
     teacher: str
@@ -49,6 +55,9 @@ class Target:
     weight: float = 1.0
     student_blocks: tuple[int, ...] | None = None
     name: str | None = None
+    norm: str = "layernorm"
+    registers: bool = False
+    pooled: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
@@ -104,9 +113,10 @@ class Tap:
 
     ``at``: which hidden state the tap starts from: ``enter`` (entering the block), ``leave`` (leaving it)
     or ``final`` (``forward_features``: after all blocks and the final norm; no block index).
-    ``fn(block, h)``: the value from that hidden state ([B, T, D] -> [B, T, D] or [B, H, T, T]).
-    ``gather_first``: on the teacher, restrict ``h`` to CLS + kept tokens before ``fn`` (``fn`` acts per
-    token, or q·kᵀ restricted to kept rows and columns) rather than after (attention mixes all tokens).
+    ``fn(block, h, rope, prefix)``: the value from that hidden state ([B, T, D] -> [B, T, D] or [B, H, T, T]);
+    ``rope`` belongs to the patch tokens after the ``prefix`` first ones (``hdcli.models.vit``).
+    ``gather_first``: restrict ``h`` to the target's tokens (prefix + kept) before ``fn`` (``fn`` acts per
+    token, or q·kᵀ restricted to those rows and columns) rather than after (attention mixes all tokens).
     ``feature_like``: the student's value goes through a linear head and the teacher's is LayerNormed
     (METHOD.md), and the loss counts towards ``loss_feat``; otherwise towards ``loss_rel``.
     """
@@ -118,10 +128,10 @@ class Tap:
 
 
 TAPS: dict[str, Tap] = {
-    "features": Tap("final", lambda block, h: h, gather_first=True, feature_like=True),
+    "features": Tap("final", lambda block, h, rope, prefix: h, gather_first=True, feature_like=True),
     "relations": Tap("enter", vit.relations, gather_first=True, feature_like=False),
-    "block": Tap("leave", lambda block, h: h, gather_first=True, feature_like=True),
-    "msa": Tap("enter", vit.msa, gather_first=False, feature_like=True),
+    "block": Tap("leave", lambda block, h, rope, prefix: h, gather_first=True, feature_like=True),
+    "msa": Tap("enter", lambda block, h, rope, prefix: vit.msa(block, h, rope), gather_first=False, feature_like=True),
 }
 KINDS = tuple(TAPS)
 
@@ -133,9 +143,37 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Te
     return F.smooth_l1_loss(pred.float(), target.float(), beta=beta)
 
 
-def normalize_target(f: torch.Tensor) -> torch.Tensor:
-    """Per-token LayerNorm without affine parameters (eps 1e-6) of a feature-like target. [.., D] -> [.., D] fp32."""
-    return F.layer_norm(f.float(), f.shape[-1:], eps=1e-6)
+normalize_target = norms.layernorm  # the paper's normalisation of a feature-like target
+
+
+def match_prefix(teacher: Sequence[str], student: Sequence[str], *, registers: bool = False,
+                 pooled: bool = False) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """Which prefix tokens of a teacher and of the student a target compares, matched by role.
+
+    teacher/student: prefix roles (``vit.prefix_roles``, e.g. ``("cls", "reg", "reg")``). Returns (teacher
+    positions, student positions, use_pooled): CLS with CLS when both have one; with ``pooled`` and a teacher
+    without CLS, the student's CLS is compared with the teacher's pooled summary (use_pooled True, the student
+    position listed, no teacher position); registers in order when ``registers`` (equal counts needed).
+    """
+    t_pos: list[int] = []
+    s_pos: list[int] = []
+    use_pooled = False
+    if "cls" in teacher and "cls" in student:
+        t_pos.append(teacher.index("cls"))
+        s_pos.append(student.index("cls"))
+    elif pooled and "cls" in student:
+        s_pos.append(student.index("cls"))
+        use_pooled = True
+    if registers:
+        t_reg = [i for i, r in enumerate(teacher) if r == "reg"]
+        s_reg = [i for i, r in enumerate(student) if r == "reg"]
+        if len(t_reg) != len(s_reg):
+            raise HDError(f"registers = true needs as many register tokens in the student ({len(s_reg)}) as in the "
+                          f"teacher ({len(t_reg)})",
+                          f"build the student with reg_tokens = {len(t_reg)} (student.kwargs), or leave registers out")
+        t_pos += t_reg
+        s_pos += s_reg
+    return tuple(t_pos), tuple(s_pos), use_pooled
 
 
 def head_mean(r: torch.Tensor) -> torch.Tensor:
@@ -195,8 +233,8 @@ class Distiller(nn.Module):
     """Distil ``student`` from frozen ``teachers`` on a list of ``targets`` (METHOD.md).
 
     Args:
-        student: a timm ViT (one CLS token), randomly initialised; trained.
-        teachers: name -> timm ViT; frozen here (requires_grad False, eval) and kept out of the module
+        student: a timm ViT of a supported family (``hdcli.models.vit``), randomly initialised; trained.
+        teachers: name -> timm ViT of a supported family; frozen here (requires_grad False, eval) and kept out of the module
             tree (see the module docstring): not in ``parameters()``/``state_dict()``, ignored by DDP.
         targets: what to distil (``Target``); each feature-like target gets a linear head
             (student width -> target width, with bias) in ``heads``.
@@ -250,6 +288,9 @@ class Distiller(nn.Module):
         self._teachers = self._adapt_teachers(teachers, targets, mask_teacher, input_mean, input_std)
         self.targets: tuple[Target, ...] = tuple(targets)
         self.heads = nn.ModuleDict(self._check_targets())
+        self.tokens = {t.name: self._match(t) for t in self.targets}  # name -> (teacher pos, student pos, pooled)
+        self.norms = nn.ModuleDict({_head_key(t, bt): norms.RunningNorm(t.norm, self._target_width(t, bt))
+                                    for t in self.targets if t.norm != "layernorm" for bt, _ in t.pairs})
         self._setup_masking(mask_teacher, mask_blocks)
 
     def _adapt_teachers(self, teachers, targets, mask_teacher, mean_in, std_in) -> dict[str, _Teacher]:
@@ -275,6 +316,11 @@ class Distiller(nn.Module):
         for t in self.targets:
             if t.kind not in TAPS:
                 raise HDError(f"unknown target kind {t.kind!r}", did_you_mean(t.kind, KINDS))
+            if t.norm not in norms.NORMS:
+                raise HDError(f"target {t.name}: unknown norm {t.norm!r}", did_you_mean(t.norm, norms.NORMS))
+            if t.norm != "layernorm" and not t.feature_like:
+                raise HDError(f"target {t.name}: norm = {t.norm!r} applies to feature-like targets, not relations",
+                              "relations are compared as they are (METHOD.md): leave norm out")
             tm = self._teachers[t.teacher].model
             if TAPS[t.kind].at == "final":
                 if t.blocks or t.student_blocks:
@@ -286,6 +332,9 @@ class Distiller(nn.Module):
                 raise HDError(f"target {t.name} needs at least one block")
             vit.check_blocks(tm, t.blocks, f"teacher {t.teacher!r}", f"{t.kind} block")
             vit.check_blocks(s, t.s_blocks, "the student", f"{t.kind} block")
+            if t.kind in ("relations", "msa"):
+                vit.check_attention(tm, t.blocks, f"teacher {t.teacher!r}", f"target {t.name}")
+                vit.check_attention(s, t.s_blocks, "the student", f"target {t.name}")
             if len(t.s_blocks) != len(t.blocks):
                 raise HDError(f"target {t.name}: {len(t.blocks)} teacher blocks but {len(t.s_blocks)} student blocks",
                               "give one student block per teacher block")
@@ -299,6 +348,23 @@ class Distiller(nn.Module):
                 else:
                     heads[_head_key(t, bt)] = _linear(vit.width(s), vit.width(tm))
         return heads
+
+    def _match(self, t: Target) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+        """The prefix tokens target ``t`` compares (``match_prefix``); the pooled summary for ``features`` only."""
+        tm = self._teachers[t.teacher].model
+        match = match_prefix(vit.prefix_roles(tm), vit.prefix_roles(self.student), registers=t.registers,
+                             pooled=t.pooled and t.kind == "features")
+        if match[2] and getattr(tm, "global_pool", "") in ("", None):
+            raise HDError(f"target {t.name}: the teacher has no class token and no pooling (global_pool='')",
+                          "set pooled = false for this target, or load the teacher with its own global_pool")
+        if match[2] and vit.pooled_width(tm) != tm.num_features:
+            raise HDError(f"target {t.name}: the teacher's pooled summary has {vit.pooled_width(tm)} channels but its "
+                          f"tokens {tm.num_features}", "set pooled = false for this target")
+        return match
+
+    def _target_width(self, t: Target, block: int | None) -> int:
+        tm = self._teachers[t.teacher].model
+        return int(tm.num_features) if block is None else vit.width(tm)
 
     def _setup_masking(self, mask_teacher: str | None, mask_blocks: Sequence[int]) -> None:
         """Which teacher chooses the kept tokens, at which blocks, and the static keep count."""
@@ -377,35 +443,54 @@ class Distiller(nn.Module):
                 targets = [t for t in self.targets if t.teacher == name]
                 if targets or extra:  # e.g. a mask teacher under random/none masking: nothing to compute
                     model = self._teachers[name].model
-                    runs[name] = _Taps.of(model, vit.embed(model, self.teacher_input(name, images)),
-                                         [(t.kind, bt) for t in targets for bt, _ in t.pairs], enter=extra)
+                    last = [vit.depth(model) - 1] if any(self.tokens[t.name][2] for t in targets) else []
+                    runs[name] = _Taps.of(model, *vit.embed(model, self.teacher_input(name, images)),
+                                          [(t.kind, bt) for t in targets for bt, _ in t.pairs], enter=extra, leave=last)
             keep = self._keep(runs, images)
             values: dict[tuple[str, int | None], torch.Tensor] = {}
             for t in self.targets:
                 tap, run = TAPS[t.kind], runs[t.teacher]
+                p = vit.num_prefix(run.model)
+                take, _, use_pooled = self.tokens[t.name]
+                take = None if take == tuple(range(p)) else take  # all prefix tokens (MAE, CLIP): a plain slice
                 for bt, _ in t.pairs:
                     block = None if bt is None else run.model.blocks[bt]
-                    h = run.at(tap.at, bt)  # [B, 1+N, D]
-                    if tap.gather_first:
-                        v = tap.fn(block, vit.gather_tokens(h, keep))  # [B, 1+n, D] or [B, H, 1+n, 1+n]
+                    h = run.at(tap.at, bt)  # [B, P+N, D]
+                    if tap.gather_first:  # [B, P'+n, D] or [B, H, P'+n, P'+n]
+                        v = tap.fn(block, vit.gather_tokens(h, keep, p, take), vit.gather_rope(run.rope, keep),
+                                   p if take is None else len(take))
                     else:
-                        v = vit.gather_tokens(tap.fn(block, h), keep)  # [B, 1+n, D]
-                    values[(t.name, bt)] = normalize_target(v) if tap.feature_like else self._heads_of(v)
+                        v = vit.gather_tokens(tap.fn(block, h, run.rope, p), keep, p, take)  # [B, P'+n, D]
+                    if use_pooled:  # the student's CLS learns the pooled summary of a teacher without one
+                        summary = vit.pooled(run.model, run.leaving[vit.depth(run.model) - 1])  # [B, D]
+                        v = torch.cat([summary[:, None].to(v.dtype), v], dim=1)
+                    values[(t.name, bt)] = self._normalise(t, bt, v) if tap.feature_like else self._heads_of(v)
         return TeacherTargets(keep=keep, values=values)
+
+    def _normalise(self, t: Target, block: int | None, v: torch.Tensor) -> torch.Tensor:
+        """A feature-like teacher target as the loss compares it (``t.norm``, ``hdcli.norms``)."""
+        return normalize_target(v) if t.norm == "layernorm" else self.norms[_head_key(t, block)](v)
 
     def student_pass(self, images: torch.Tensor, targets: TeacherTargets) -> DistillOutput:
         """The student on CLS + kept tokens only (gathered before block 0), its taps, and the loss against
         ``targets`` (what ``teacher_pass`` returned for the same images)."""
         keep = targets.keep
         s = self.student
-        x = vit.embed_kept(s, images, None if keep.shape[1] == self.num_patches else keep)  # [B, 1+n, D]
+        x, rope = vit.embed_kept(s, images, None if keep.shape[1] == self.num_patches else keep)  # [B, P+n, D]
         ckpt = bool(getattr(s, "grad_checkpointing", False)) and self.training
-        run = _Taps.of(s, x, [(t.kind, bs) for t in self.targets for _, bs in t.pairs], checkpoint=ckpt)
+        run = _Taps.of(s, x, rope, [(t.kind, bs) for t in self.targets for _, bs in t.pairs], checkpoint=ckpt)
+        p = vit.num_prefix(s)
         mine: dict[tuple[str, int | None], torch.Tensor] = {}
         for t in self.targets:
             tap = TAPS[t.kind]
+            take = self.tokens[t.name][1]
             for _, bs in t.pairs:
-                v = tap.fn(None if bs is None else s.blocks[bs], run.at(tap.at, bs))
+                block = None if bs is None else s.blocks[bs]
+                h = run.at(tap.at, bs)  # [B, P+n, D]
+                if tap.gather_first:
+                    v = tap.fn(block, vit.select_prefix(h, p, take), rope, len(take))
+                else:
+                    v = vit.select_prefix(tap.fn(block, h, rope, p), p, take)
                 mine[(t.name, bs)] = v if tap.feature_like else self._heads_of(v)
         return self.loss(mine, targets)
 
@@ -466,8 +551,9 @@ class Distiller(nn.Module):
         """The keep set [B, n_keep]: from the mask teacher's patch tokens entering its mask blocks, or drawn."""
         blocks = self.mask_teacher_blocks
         if blocks:
-            entering = runs[self.mask_teacher].entering
-            hiddens = [entering[i][:, 1:] for i in blocks]  # [B, N, D] patch tokens entering each mask block
+            run = runs[self.mask_teacher]
+            p = vit.num_prefix(run.model)
+            hiddens = [run.entering[i][:, p:] for i in blocks]  # [B, N, D] patch tokens entering each mask block
             return masking_lib.keep_set(self.masking, hiddens, self.drop_ratio, steps=len(self.mask_blocks),
                                         schedule=self.schedule)
         return masking_lib.keep_set(self.masking, [], self.drop_ratio, batch=images.shape[0], n=self.num_patches,
@@ -488,23 +574,25 @@ class _Taps:
     """The hidden states one forward through a model's blocks kept for its taps (``vit.run_blocks``)."""
 
     model: nn.Module
+    rope: torch.Tensor | None
     entering: dict[int, torch.Tensor]
     leaving: dict[int, torch.Tensor]
     features: torch.Tensor | None
 
     @classmethod
-    def of(cls, model: nn.Module, x: torch.Tensor, taps: Sequence[tuple[str, int | None]], *,
-           enter: Sequence[int] = (), checkpoint: bool = False) -> _Taps:
-        """Run ``model`` on the embedded ``x`` only as far as the (kind, block) ``taps`` and ``enter`` need."""
-        wants = {"enter": set(enter), "leave": set(), "final": False}
+    def of(cls, model: nn.Module, x: torch.Tensor, rope: torch.Tensor | None, taps: Sequence[tuple[str, int | None]],
+           *, enter: Sequence[int] = (), leave: Sequence[int] = (), checkpoint: bool = False) -> _Taps:
+        """Run ``model`` on the embedded ``x`` (its patches' ``rope``) only as far as the (kind, block) ``taps``,
+        ``enter`` and ``leave`` need."""
+        wants = {"enter": set(enter), "leave": set(leave), "final": False}
         for kind, b in taps:
             at = TAPS[kind].at
             if at == "final":
                 wants["final"] = True
             else:
                 wants[at].add(b)
-        return cls(model, *vit.run_blocks(model, x, enter=wants["enter"], leave=wants["leave"], final=wants["final"],
-                                          checkpoint=checkpoint))
+        return cls(model, rope, *vit.run_blocks(model, x, rope, enter=wants["enter"], leave=wants["leave"],
+                                                final=wants["final"], checkpoint=checkpoint))
 
     def at(self, where: str, block: int | None) -> torch.Tensor:
         return self.features if where == "final" else (self.entering if where == "enter" else self.leaving)[block]
@@ -537,7 +625,8 @@ class HybridDistill(Distiller):
     ``out.loss_feat`` and ``out.loss_rel`` are the two terms (α already applied to the second).
 
     Teachers are named ``"feature"`` and ``"mim"``; targets ``"feature/features"`` and ``"mim/relations"``.
-    ``student_relation_blocks`` (default: ``relation_blocks``) are the student's blocks for the relations.
+    ``student_relation_blocks`` (default: ``relation_blocks``) are the student's blocks for the relations;
+    ``target_norm`` how the features are normalised (``hdcli.norms``; the paper's LayerNorm by default).
     """
 
     def __init__(
@@ -553,9 +642,10 @@ class HybridDistill(Distiller):
         masking: str = "progressive",
         relation_heads: str = "match",
         student_relation_blocks: Sequence[int] | None = None,
+        target_norm: str = "layernorm",
     ):
         targets = [
-            Target("feature", "features"),
+            Target("feature", "features", norm=target_norm),
             Target("mim", "relations", tuple(relation_blocks), alpha,
                    None if student_relation_blocks is None else tuple(student_relation_blocks)),
         ]

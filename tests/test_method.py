@@ -353,3 +353,9 @@ def test_the_config_names_every_kind_of_the_tap_table():
 
     assert tuple(method.TAPS) == config.TARGET_KINDS
     assert all(t.feature_like == (k != "relations") for k, t in method.TAPS.items())
+
+
+def test_the_config_names_every_target_normalisation():
+    from hdcli import config, norms
+
+    assert norms.NORMS == config.TARGET_NORMS

@@ -97,14 +97,14 @@ def test_embed_is_what_timm_feeds_block_0_including_norm_pre(clip):
     x = torch.randn(2, 3, 32, 32)
     assert not isinstance(clip.norm_pre, torch.nn.Identity)
     with torch.no_grad():
-        torch.testing.assert_close(vit.embed(clip, x), entering_block(clip, x, 0))
+        torch.testing.assert_close(vit.embed(clip, x)[0], entering_block(clip, x, 0))
 
 
 def test_embed_kept_equals_gathering_the_full_embedding(clip):
     x = torch.randn(2, 3, 32, 32)
     keep = torch.tensor([[0, 7, 8, 30], [1, 2, 60, 63]])
     with torch.no_grad():
-        torch.testing.assert_close(vit.embed_kept(clip, x, keep), vit.gather_tokens(vit.embed(clip, x), keep))
+        torch.testing.assert_close(vit.embed_kept(clip, x, keep)[0], vit.gather_tokens(vit.embed(clip, x)[0], keep))
 
 
 def test_run_blocks_taps_match_timm_and_stop_early(clip):
@@ -112,7 +112,7 @@ def test_run_blocks_taps_match_timm_and_stop_early(clip):
     ran = []
     hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(clip.blocks)]
     with torch.no_grad():
-        entering, leaving, feats = vit.run_blocks(clip, vit.embed(clip, x), enter={4, 10}, leave={2})
+        entering, leaving, feats = vit.run_blocks(clip, *vit.embed(clip, x), enter={4, 10}, leave={2})
     for h in hooks:
         h.remove()
     assert ran == list(range(10)) and feats is None
@@ -123,7 +123,7 @@ def test_run_blocks_taps_match_timm_and_stop_early(clip):
 def test_run_blocks_final_equals_forward_features(clip):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        _, _, feats = vit.run_blocks(clip, vit.embed(clip, x), final=True)
+        _, _, feats = vit.run_blocks(clip, *vit.embed(clip, x), final=True)
         torch.testing.assert_close(feats, clip.forward_features(x))
 
 
@@ -148,9 +148,14 @@ def test_fit_grid_resizes_a_patch14_teacher_to_the_student_grid(make_tiny_vit):
         assert teacher.forward_features(torch.randn(1, 3, 56, 56)).shape == (1, 17, 48)
 
 
-def test_register_tokens_are_rejected(make_tiny_vit):
-    with pytest.raises(HDError, match="prefix token"):
-        vit.check_vit(make_tiny_vit(reg_tokens=4), "the student")
+def test_an_unsupported_family_is_an_error_naming_the_supported_ones():
+    import timm
+
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=48,
+                             depth=2, num_heads=3, num_classes=0)
+    with pytest.raises(HDError, match="Beit.*not a supported model family") as err:
+        vit.check_vit(beit, "the student")
+    assert "VisionTransformer" in str(err.value.hint) and "Eva" in str(err.value.hint)
 
 
 def test_the_final_norm_of_an_average_pooling_model_is_fc_norm():
@@ -158,7 +163,7 @@ def test_the_final_norm_of_an_average_pooling_model_is_fc_norm():
 
     m = tiny_vit(global_pool="avg")  # timm: norm is Identity, fc_norm holds the final LayerNorm
     assert isinstance(m.norm, torch.nn.Identity) and vit.final_norm(m) is m.fc_norm
-    x = vit.embed(m, torch.randn(2, 3, 32, 32))
+    x, _ = vit.embed(m, torch.randn(2, 3, 32, 32))
     _, _, feats = vit.run_blocks(m, x, final=True)
     torch.testing.assert_close(feats, m.fc_norm(m.blocks(x)))
     token = tiny_vit()  # global_pool="token": the final norm is norm

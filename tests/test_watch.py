@@ -119,13 +119,13 @@ def test_distiller_signals_match_a_hand_computation_and_the_shared_block():
     hd.detail = True
     out = hd(x)
     assert set(out.signals) == {"cos/feature/features", "attn/mim/relations/9", "attn/mim/relations/10"}
-    s_feat = vit.run_blocks(student, vit.embed(student, x), final=True)[2]
-    t_feat = vit.run_blocks(feat, vit.embed(feat, hd.teacher_input("feature", x)), final=True)[2]
+    s_feat = vit.run_blocks(student, *vit.embed(student, x), final=True)[2]
+    t_feat = vit.run_blocks(feat, *vit.embed(feat, hd.teacher_input("feature", x)), final=True)[2]
     with torch.no_grad():
         want = cosine(hd.feature_head(s_feat), normalize_target(t_feat))
     assert float(out.signals["cos/feature/features"]) == pytest.approx(float(want), abs=1e-5)
-    s_in = vit.run_blocks(student, vit.embed(student, x), enter={9})[0][9]
-    t_in = vit.run_blocks(mim, vit.embed(mim, hd.teacher_input("mim", x)), enter={9})[0][9]
+    s_in = vit.run_blocks(student, *vit.embed(student, x), enter={9})[0][9]
+    t_in = vit.run_blocks(mim, *vit.embed(mim, hd.teacher_input("mim", x)), enter={9})[0][9]
     with torch.no_grad():
         want = attention_agreement(vit.relations(student.blocks[9], s_in), vit.relations(mim.blocks[9], t_in),
                                    student.blocks[9].attn.scale, mim.blocks[9].attn.scale)
@@ -187,7 +187,7 @@ def test_shard_eval_set_reads_only_what_it_needs_and_splits_across_ranks(tmp_pat
     assert torch.equal(probe.images, queries.images[:8])
     # a rank with nothing to embed still gathers [0, D]
     empty = type(bank)(bank.images[:0], bank.labels[:0], bank.position[:0])
-    cls, avg = embed_part(empty, lambda x: torch.ones(len(x), 5, 7), torch.device("cpu"), contextlib.nullcontext, 32)
+    cls, avg = embed_part(empty, lambda x: (torch.ones(len(x), 7), torch.ones(len(x), 7)), torch.device("cpu"), contextlib.nullcontext, 32)
     assert cls.shape == avg.shape == (0, 7)
 
 

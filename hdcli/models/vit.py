@@ -1,15 +1,26 @@
-"""Helpers over unmodified timm ViTs: hidden states entering blocks, token gather, q·kᵀ taps.
+"""The one place that knows timm's model internals: embeddings, token gather, blocks, q·kᵀ taps, final norm.
 
-Nothing here forks timm: every helper calls timm's own modules (``patch_embed``, ``_pos_embed``,
-``patch_drop``, ``norm_pre``, ``blocks``, ``norm``), so the attention stays on timm's fused SDPA
-path. Only ``relations`` computes q·kᵀ explicitly, and only for the tokens it is given.
+Two timm families are supported, students and teachers alike (docs/teachers.md lists the tags):
 
-Token order everywhere: CLS first, then patches in ascending patch index (METHOD.md).
+- ``VisionTransformer`` (``vit_*``, ``deit_*``, ``*_clip_*``, ``*_dinov2``, ``*_siglip_*``, ``aimv2_*``): absolute
+  position embeddings; 0 or 1 class token, then 0+ register tokens; ``Block`` (pre-norm) or ``ResPostBlock``.
+- ``Eva`` (``eva02_*``, ``*_dinov3``, ``vit_pe_*``): RoPE applied to q and k of the patch tokens inside attention
+  (``_pos_embed`` returns it), optional absolute embeddings, CLS + storage tokens, fused or separate q/k/v
+  projections with their own biases.
+
+Nothing here forks timm: every helper calls timm's own modules (``patch_embed``, ``_pos_embed``, ``norm_pre``,
+``blocks``, ``norm``), so attention stays on timm's fused SDPA path. Only ``relations`` computes q·kᵀ explicitly,
+from the block's own projections, q/k norms and RoPE, and only for the tokens it is given.
+
+Token order everywhere: the model's prefix tokens (CLS first, then registers), then patches in ascending patch
+index (METHOD.md). ``rope`` (Eva) is the rotary embedding of the patch tokens in the sequence: [N, E] for all
+patches, [B, 1, n, E] once gathered to kept patches (their original grid positions).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,20 +29,70 @@ from torch import nn
 
 from hdcli.errors import HDError
 
+SUPPORTED = ("timm VisionTransformer (vit_*, deit_*, *_clip_*, *_dinov2, *_siglip_*, aimv2_*) or timm Eva "
+             "(eva02_*, *_dinov3, vit_pe_*)")
+_PRE_NORM_BLOCKS = ("Block", "EvaBlock")  # attention input = norm1(x)
+_POST_NORM_BLOCKS = ("ResPostBlock", "EvaBlockPostNorm")  # attention input = x, norm1 after the attention
+_QK_ATTENTION = ("Attention", "EvaAttention", "AttentionRope")  # whose q and k this module can recompute
+
+
+def family(model: nn.Module) -> str:
+    """``"vit"`` (timm VisionTransformer and subclasses), ``"eva"`` (timm Eva), or ``""`` for anything else."""
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    if isinstance(model, Eva):
+        return "eva"
+    return ""
+
 
 def check_vit(model: nn.Module, who: str) -> None:
-    """Raise HDError unless ``model`` is a timm ViT with one CLS token and standard qkv attention."""
-    hint = "use a timm VisionTransformer (vit_*, deit_*, *_clip_*) with one class token and no register tokens"
+    """Raise HDError unless ``model`` is of a supported family (:data:`SUPPORTED`) with a usable layout."""
+    if not family(model):
+        raise HDError(f"{who} ({type(model).__name__}) is not a supported model family", f"use a {SUPPORTED}")
     for attr in ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm"):
         if not hasattr(model, attr):
-            raise HDError(f"{who} ({type(model).__name__}) is not a timm VisionTransformer (no {attr})", hint)
-    if getattr(model, "cls_token", None) is None or getattr(model, "num_prefix_tokens", 1) != 1:
-        raise HDError(f"{who} must have exactly one prefix token (CLS) and no register tokens", hint)
-    for i, blk in enumerate(model.blocks):
-        attn = getattr(blk, "attn", None)
-        if not (hasattr(blk, "norm1") and isinstance(getattr(attn, "qkv", None), nn.Linear)
-                and hasattr(attn, "num_heads") and hasattr(attn, "head_dim")):
-            raise HDError(f"{who} block {i} ({type(blk).__name__}) has no fused qkv attention", hint)
+            raise HDError(f"{who} ({type(model).__name__}) has no {attr}", f"use a {SUPPORTED}")
+    if getattr(model, "rope_mixed", False):
+        raise HDError(f"{who} uses depth-dependent ('mixed') RoPE, which hd cannot gather per kept token",
+                      "use an axial-RoPE model (eva02_*, *_dinov3, vit_pe_*) or one with absolute position embeddings")
+
+
+def exposes_qk(block: nn.Module) -> bool:
+    """Whether ``relations``/``msa`` can read this block's attention (its q·kᵀ exactly as it computes them)."""
+    attn = getattr(block, "attn", None)
+    return (type(block).__name__ in _PRE_NORM_BLOCKS + _POST_NORM_BLOCKS and type(attn).__name__ in _QK_ATTENTION
+            and hasattr(attn, "num_heads") and hasattr(attn, "head_dim")
+            and (isinstance(getattr(attn, "qkv", None), nn.Linear) or hasattr(attn, "q_proj")))
+
+
+def check_attention(model: nn.Module, blocks: Iterable[int], who: str, what: str) -> None:
+    """HDError unless every block of ``blocks`` exposes q·kᵀ (``exposes_qk``): relations, msa and attention maps."""
+    for i in blocks:
+        blk = model.blocks[i]
+        if not exposes_qk(blk):
+            raise HDError(f"{what} at block {i} of {who}: its {type(blk).__name__} "
+                          f"({type(getattr(blk, 'attn', None)).__name__}) cannot expose q·kᵀ",
+                          "take features from this model instead, or relations from a "
+                          "VisionTransformer/Eva with standard attention blocks")
+
+
+def num_prefix(model: nn.Module) -> int:
+    """Prefix tokens before the patches: class token (if any) + register/storage tokens."""
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
+def has_cls(model: nn.Module) -> bool:
+    return getattr(model, "cls_token", None) is not None
+
+
+def prefix_roles(model: nn.Module) -> tuple[str, ...]:
+    """The role of each prefix token in order: ``("cls", "reg", "reg", "reg", "reg")`` for DINOv2-reg/DINOv3,
+    ``("cls",)`` for MAE/CLIP/DeiT, ``()`` for SigLIP and AIMv2 (no class token)."""
+    cls = has_cls(model)
+    return ("cls",) * cls + ("reg",) * (num_prefix(model) - cls)
 
 
 def check_student(model: nn.Module, img_size: int, who: str = "the student") -> None:
@@ -92,74 +153,135 @@ def fit_grid(model: nn.Module, grid: tuple[int, int]) -> tuple[int, int]:
     return size
 
 
-def embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Hidden state entering block 0: patch + position embedding, CLS first, ``norm_pre``.
+def embed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden state entering block 0 and the patches' RoPE: patch + position embedding, prefix tokens first,
+    ``norm_pre``.
 
-    x: [B, 3, H, W] -> [B, 1+N, D]
+    x: [B, 3, H, W] -> ([B, P+N, D], rope [N, E] or None)
     """
     x = model.patch_embed(x)  # [B, N, D] (or [B, h, w, D] for dynamic_img_size models)
-    x = model._pos_embed(x)  # [B, 1+N, D] CLS + patches, each with its position embedding
+    if family(model) == "eva":
+        x, rope = model._pos_embed(x)  # prefix + patches; RoPE of the patches (patch dropout inside, eval: none)
+        return model.norm_pre(x), rope
+    x = model._pos_embed(x)  # [B, P+N, D] prefix + patches, each with its position embedding
     x = model.patch_drop(x)
-    return model.norm_pre(x)
+    return model.norm_pre(x), None
 
 
-def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """CLS followed by the kept patches. x: [B, 1+N, D], keep: [B, n] patch indices -> [B, 1+n, D]."""
-    patches = x[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, n, D]
-    return torch.cat([x[:, :1], patches], dim=1)
+def gather_tokens(x: torch.Tensor, keep: torch.Tensor, prefix: int = 1,
+                  take: Sequence[int] | None = None) -> torch.Tensor:
+    """Prefix tokens followed by the kept patches.
+
+    x: [B, P+N, D] with ``prefix`` = P, keep: [B, n] patch indices -> [B, P'+n, D]; ``take`` (default: all P)
+    picks which prefix tokens stay, in the given order (e.g. ``(0,)``: CLS only, registers dropped).
+    """
+    patches = x[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, n, D]
+    return torch.cat([x[:, :prefix] if take is None else x[:, list(take)], patches], dim=1)
 
 
-def embed_kept(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """Student input: embed all patches, then gather CLS + kept tokens BEFORE any block (cost ∝ tokens).
+def select_prefix(x: torch.Tensor, prefix: int, take: Sequence[int] | None) -> torch.Tensor:
+    """Keep the prefix tokens ``take`` (None: all) of x [B, P+n, D] and every patch token after them."""
+    if take is None or tuple(take) == tuple(range(prefix)):
+        return x
+    return torch.cat([x[:, list(take)], x[:, prefix:]], dim=1)
 
-    x: [B, 3, H, W], keep: [B, n] or None (all) -> [B, 1+n, D]. ``norm_pre`` is per token, so
-    applying it after the gather gives the same values as before it.
+
+def gather_rope(rope: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
+    """The RoPE rows of the kept patches (their original grid positions). rope [N, E], keep [B, n] -> [B, 1, n, E]
+    (the head axis broadcast, as timm's own patch dropout does)."""
+    if rope is None or keep is None:
+        return rope
+    return rope[keep].unsqueeze(1)
+
+
+def embed_kept(model: nn.Module, x: torch.Tensor,
+               keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Student input: embed all patches, then gather the prefix + kept tokens BEFORE any block (cost ∝ tokens).
+
+    x: [B, 3, H, W], keep: [B, n] or None (all) -> ([B, P+n, D], rope of the kept patches or None).
+    ``norm_pre`` is per token, so applying it after the gather gives the same values as before it.
     """
     x = model.patch_embed(x)
-    x = model._pos_embed(x)  # [B, 1+N, D]
+    p = num_prefix(model)
+    if family(model) == "eva":
+        x, rope = model._pos_embed(x)
+        if keep is not None:
+            x, rope = gather_tokens(x, keep, p), gather_rope(rope, keep)
+        return model.norm_pre(x), rope
+    x = model._pos_embed(x)  # [B, P+N, D]
     if keep is not None:
-        x = gather_tokens(x, keep)  # [B, 1+n, D]
+        x = gather_tokens(x, keep, p)  # [B, P+n, D]
     x = model.patch_drop(x)
-    return model.norm_pre(x)
+    return model.norm_pre(x), None
 
 
-def relations(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Token relations R = q·kᵀ of ``block`` (paper Eq. 2), without the 1/√d_h scale.
+def _attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x if type(block).__name__ in _POST_NORM_BLOCKS else block.norm1(x)
 
-    x: [B, T, D] hidden state entering the block (already restricted to the wanted tokens: norm1 and
-    the projection act per token, so R over a gathered sequence equals R over the full one, indexed).
-    Returns [B, H, T, T]. Only the q and k rows of the block's ``qkv`` weight are used.
+
+def _rotate(t: torch.Tensor, rope: torch.Tensor, prefix: int, half: bool) -> torch.Tensor:
+    """RoPE on the patch tokens of t [B, H, T, dh] (the first ``prefix`` are not rotated), as timm's attention."""
+    from timm.layers.pos_embed_sincos import apply_rot_embed_cat
+
+    return torch.cat([t[:, :, :prefix], apply_rot_embed_cat(t[:, :, prefix:], rope, half=half)], dim=2)
+
+
+def relations(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None, prefix: int = 0) -> torch.Tensor:
+    """Token relations R = q·kᵀ of ``block`` (paper Eq. 2), without the 1/√d_h scale, exactly as its attention
+    forms them: after its own q/k biases and q/k norms, with RoPE on the patch tokens.
+
+    x: [B, T, D] hidden state entering the block (already restricted to the wanted tokens: the norm, projections
+    and RoPE act per token, so R over a gathered sequence equals R over the full one, indexed); its first
+    ``prefix`` tokens get no RoPE, ``rope`` belongs to the other T - prefix. Returns [B, H, T, T]. Only the q and
+    k rows of a fused ``qkv`` weight are used.
     """
     attn = block.attn
     b, t, _ = x.shape
     h, dh = attn.num_heads, attn.head_dim
-    a = block.norm1(x)  # [B, T, D]
-    w = attn.qkv.weight[: 2 * h * dh]  # [2·H·dh, D] q and k rows
-    bias = attn.qkv.bias[: 2 * h * dh] if attn.qkv.bias is not None else None
-    qk = F.linear(a, w, bias).reshape(b, t, 2, h, dh).permute(2, 0, 3, 1, 4)  # [2, B, H, T, dh]
-    q, k = qk.unbind(0)  # [B, H, T, dh] each
+    a = _attn_input(block, x)  # [B, T, D]
+    qkv = getattr(attn, "qkv", None)
+    if qkv is not None:
+        w = qkv.weight[: 2 * h * dh]  # [2·H·dh, D] q and k rows
+        if qkv.bias is not None:
+            bias = qkv.bias[: 2 * h * dh]
+        elif getattr(attn, "q_bias", None) is not None:  # Eva: q bias + a zero k bias, outside the Linear
+            bias = torch.cat([attn.q_bias, attn.k_bias])
+        else:
+            bias = None
+        qk = F.linear(a, w, bias).reshape(b, t, 2, h, dh).permute(2, 0, 3, 1, 4)  # [2, B, H, T, dh]
+        q, k = qk.unbind(0)  # [B, H, T, dh] each
+    else:  # separate projections (EVA-02 CLIP; grouped k heads in some PE models)
+        q = attn.q_proj(a).reshape(b, t, h, dh).transpose(1, 2)
+        k = attn.k_proj(a).reshape(b, t, -1, dh).transpose(1, 2)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        half = bool(getattr(attn, "rotate_half", False))
+        q, k = _rotate(q, rope, prefix, half), _rotate(k, rope, prefix, half)
+    if k.shape[1] != h:  # grouped-query attention: head i uses k head i // (H / H_kv), as timm repeats them
+        k = k.repeat_interleave(h // k.shape[1], dim=1)
     return q @ k.transpose(-2, -1)  # [B, H, T, T]
 
 
-def msa(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Output of the block's attention branch after ``proj``, before layer scale and the residual add.
-
-    x: [B, T, D] hidden state entering the block -> [B, T, D] (paper MSA_m^i; timm's fused attention).
-    """
-    return block.attn(block.norm1(x))
+def msa(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    """Output of the block's attention branch after ``proj`` (and a post-norm block's norm1), before layer scale
+    and the residual add. x: [B, T, D] hidden state entering the block (its full prefix) -> [B, T, D] (paper
+    MSA_m^i; timm's fused attention)."""
+    a = _attn_input(block, x)
+    out = block.attn(a) if rope is None else block.attn(a, rope=rope)
+    return block.norm1(out) if type(block).__name__ in _POST_NORM_BLOCKS else out
 
 
 def run_blocks(
     model: nn.Module,
     x: torch.Tensor,
+    rope: torch.Tensor | None = None,
     *,
     enter: Iterable[int] = (),
     leave: Iterable[int] = (),
     final: bool = False,
     checkpoint: bool = False,
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
-    """Run ``model.blocks`` on x [B, T, D] only as far as needed and return the taps.
+    """Run ``model.blocks`` on x [B, T, D] (with the patches' ``rope``, Eva) only as far as needed; the taps.
 
     enter: blocks whose entering hidden state is wanted; leave: blocks whose output is wanted;
     final: also run the remaining blocks and the final norm (``forward_features``).
@@ -173,7 +295,7 @@ def run_blocks(
     for i in range(stop):
         if i in enter:
             entering[i] = x
-        blk = model.blocks[i]
+        blk = model.blocks[i] if rope is None else partial(model.blocks[i], rope=rope)
         if checkpoint:
             x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
         else:
@@ -192,3 +314,14 @@ def final_norm(model: nn.Module) -> nn.Module:
     if isinstance(norm, nn.Identity) and fc is not None and not isinstance(fc, nn.Identity):
         return fc
     return norm
+
+
+def pooled(model: nn.Module, last: torch.Tensor) -> torch.Tensor:
+    """The model's own image summary, as its ``forward`` computes it without a classifier: ``norm``, then its
+    pooling (attention pool (MAP), average or CLS) and ``fc_norm``. last: [B, P+N, D] leaving the last block -> [B, D']."""
+    return model.forward_head(model.norm(last), pre_logits=True)
+
+
+def pooled_width(model: nn.Module) -> int:
+    """Width of :func:`pooled` (timm's ``head_hidden_size``, else ``num_features``)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)

@@ -102,13 +102,15 @@ class MaskedAutoencoder(nn.Module):
         self.encoder = encoder
         self.patch = p[0]
         self.grid = tuple(int(g) for g in encoder.patch_embed.grid_size)
+        self.prefix = vit.num_prefix(encoder)  # CLS and register tokens go through the decoder too (MAE)
         self.mask_ratio, self.norm_pix_loss = mask_ratio, norm_pix_loss
         n = self.grid[0] * self.grid[1]
         self.decoder_embed = nn.Linear(vit.width(encoder), decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         pos = build_sincos2d_pos_embed(list(self.grid), decoder_dim)  # [N, Dd], fixed (MAE)
-        self.register_buffer("decoder_pos_embed", torch.cat([torch.zeros(1, decoder_dim), pos.reshape(n, -1)])[None],
-                             persistent=False)  # [1, 1+N, Dd], CLS slot zero
+        self.register_buffer("decoder_pos_embed",
+                             torch.cat([torch.zeros(self.prefix, decoder_dim), pos.reshape(n, -1)])[None],
+                             persistent=False)  # [1, P+N, Dd], prefix slots zero
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True)
                                             for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_dim)
@@ -126,15 +128,16 @@ class MaskedAutoencoder(nn.Module):
         b = images.shape[0]
         n = self.grid[0] * self.grid[1]
         keep, mask = random_keep(torch.rand(b, n, device=images.device), self.mask_ratio)  # [B, n], [B, N]
-        x = vit.embed_kept(self.encoder, images, keep)  # [B, 1+n, D]: CLS + visible patches
-        x = self.encoder.norm(self.encoder.blocks(x))  # [B, 1+n, D]
-        y = self.decoder_embed(x)  # [B, 1+n, Dd]
+        p = self.prefix
+        x, rope = vit.embed_kept(self.encoder, images, keep)  # [B, P+n, D]: prefix + visible patches
+        x = vit.run_blocks(self.encoder, x, rope, final=True)[2]  # [B, P+n, D]
+        y = self.decoder_embed(x)  # [B, P+n, Dd]
         full = self.mask_token.to(y.dtype).expand(b, n, -1).clone()  # [B, N, Dd]
-        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, y.shape[-1]), y[:, 1:])  # visible back in place
-        y = torch.cat([y[:, :1], full], dim=1) + self.decoder_pos_embed  # [B, 1+N, Dd]
+        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, y.shape[-1]), y[:, p:])  # visible back in place
+        y = torch.cat([y[:, :p], full], dim=1) + self.decoder_pos_embed  # [B, P+N, Dd]
         for blk in self.decoder_blocks:
             y = blk(y)
-        pred = self.decoder_pred(self.decoder_norm(y))[:, 1:]  # [B, N, p·p·3]
+        pred = self.decoder_pred(self.decoder_norm(y))[:, p:]  # [B, N, p·p·3]
         target = patchify(images, self.patch)  # [B, N, p·p·3]
         if self.norm_pix_loss:
             target = normalize_patches(target)

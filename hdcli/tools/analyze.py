@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from hdcli.errors import HDError
-from hdcli.models.vit import patch_size, relations
+from hdcli.models import vit
+from hdcli.models.vit import patch_size
 from hdcli.rundir import atomic_write
 from hdcli.ui import pyplot
 
@@ -92,23 +93,14 @@ def nmi(attn: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_blocks(model: nn.Module) -> None:
-    """HDError unless every block is timm's pre-norm ``Block`` with timm's plain ``Attention``: then
-    the attention logits are exactly ``vit.relations``(entering state)·scale (no rope, no bias)."""
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block
-
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not len(blocks):
-        raise HDError(f"{type(model).__name__} has no transformer blocks to analyse",
-                      "hd analyze works on timm VisionTransformer models")
-    for i, blk in enumerate(blocks):
-        attn = getattr(blk, "attn", None)
-        if not (isinstance(blk, Block) and type(blk).forward is Block.forward
-                and isinstance(attn, Attention) and type(attn).forward is Attention.forward):
-            raise HDError(f"block {i} of {type(model).__name__} is a {type(blk).__name__} with "
-                          f"{type(attn).__name__}, not timm's Block with Attention",
-                          "hd analyze supports ViTs with timm's standard blocks (MAE, DeiT, CLIP, students)")
+def check_blocks(model: nn.Module, who: str | None = None) -> None:
+    """HDError unless ``model`` is of a supported family and every block exposes q·kᵀ (``vit.check_attention``):
+    then the attention logits are exactly ``vit.relations``(entering state, its RoPE)·scale."""
+    who = who or type(model).__name__
+    if not len(getattr(model, "blocks", ()) or ()):
+        raise HDError(f"{who} has no transformer blocks to analyse", f"hd analyze works on a {vit.SUPPORTED}")
+    vit.check_vit(model, who)
+    vit.check_attention(model, range(len(model.blocks)), who, "attention maps")
 
 
 @contextmanager
@@ -122,15 +114,15 @@ def attention_tap(model: nn.Module, fn: Callable[[int, Tensor], None], blocks: S
     """
     check_blocks(model)
     blocks = range(len(model.blocks)) if blocks is None else blocks
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    prefix = vit.num_prefix(model)
     fired: set[int] = set()
     handles = []
     for b in blocks:
-        def tap(block, args, b=b):
-            fn(b, attention_probs(relations(block, args[0]), block.attn.scale, prefix))
+        def tap(block, args, kwargs, b=b):  # Eva blocks get the patches' RoPE as a keyword
+            fn(b, attention_probs(vit.relations(block, args[0], kwargs.get("rope"), prefix), block.attn.scale, prefix))
             fired.add(b)
 
-        handles.append(model.blocks[b].register_forward_pre_hook(tap))
+        handles.append(model.blocks[b].register_forward_pre_hook(tap, with_kwargs=True))
     try:
         yield fired
     finally:

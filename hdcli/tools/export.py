@@ -265,7 +265,9 @@ def layout(model: nn.Module, fmt: str = "detectron2") -> Layout:
         return HDError(f"{what}; {fmt}'s backbone is a plain pre-norm ViT", "export --format timm keeps it as is")
 
     if not isinstance(model, VisionTransformer):
-        raise bad(f"the student is a {type(model).__name__}, not a timm VisionTransformer")
+        what = " with RoPE" if getattr(model, "rope", None) is not None else ""
+        raise bad(f"the student is a {type(model).__name__}{what}, not a timm VisionTransformer with absolute "
+                  "position embeddings")
     if not isinstance(model.norm_pre, nn.Identity):
         raise bad("the student has a pre-norm before its blocks (norm_pre)")
     if not isinstance(model.patch_embed.norm, nn.Identity):

@@ -34,7 +34,7 @@ LOSS_FLOPS_PER_ELEMENT = 10
 @dataclass(frozen=True)
 class ViTDims:
     """What the FLOP count needs of a ViT: width, depth, heads × head_dim, MLP hidden width, patch fan-in
-    (in_chans · patch_h · patch_w) and prefix tokens (1: CLS)."""
+    (in_chans · patch_h · patch_w), prefix tokens (1: CLS) and MLP input matrices (2: gated, SwiGLU)."""
 
     dim: int
     depth: int
@@ -43,6 +43,7 @@ class ViTDims:
     mlp_hidden: int
     patch_in: int
     prefix: int = 1
+    mlp_in: int = 1
 
     @property
     def attn_dim(self) -> int:
@@ -66,10 +67,18 @@ def dims_of(model) -> ViTDims:
         depth=len(model.blocks),
         heads=int(blk.attn.num_heads),
         head_dim=int(blk.attn.head_dim),
-        mlp_hidden=int(blk.mlp.fc1.out_features),
+        mlp_hidden=int(blk.mlp.fc2.in_features),
         patch_in=int(proj.in_channels * k[0] * k[1]),
         prefix=int(getattr(model, "num_prefix_tokens", 1)),
+        mlp_in=_mlp_inputs(blk.mlp),
     )
+
+
+def _mlp_inputs(mlp) -> int:
+    """Input matrices of an MLP: 1 (fc1), 2 for gated ones (SwiGLU's fc1_g + fc1_x, GluMlp's doubled fc1)."""
+    if hasattr(mlp, "fc1_g"):
+        return 2
+    return int(mlp.fc1.out_features) // int(mlp.fc2.in_features)
 
 
 def arch_dims(arch: str, **timm_kwargs) -> ViTDims:
@@ -100,10 +109,10 @@ def attention(v: ViTDims, tokens: int) -> int:
 
 
 def block(v: ViTDims, tokens: int) -> int:
-    """One transformer block on ``tokens`` tokens: qkv, attention, proj, fc1, fc2."""
+    """One transformer block on ``tokens`` tokens: qkv, attention, proj, fc1 (twice when gated), fc2."""
     a = v.attn_dim
     return (linear(tokens, v.dim, 3 * a) + attention(v, tokens) + linear(tokens, a, v.dim)
-            + linear(tokens, v.dim, v.mlp_hidden) + linear(tokens, v.mlp_hidden, v.dim))
+            + v.mlp_in * linear(tokens, v.dim, v.mlp_hidden) + linear(tokens, v.mlp_hidden, v.dim))
 
 
 def relations(v: ViTDims, tokens: int) -> int:
@@ -260,7 +269,7 @@ def config_targets(dc) -> list[dict]:
     """The targets a ``[distill]`` section trains (the hybrid default written out)."""
     if dc.targets:
         return [dict(t) for t in dc.targets]
-    return [{"teacher": dc.teachers[1], "kind": "features"},
+    return [*({"teacher": f, "kind": "features"} for f in dc.teachers[1:]),
             {"teacher": dc.teachers[0], "kind": "relations", "blocks": list(dc.relation_blocks),
              "student_blocks": dc.student_relation_blocks}]
 

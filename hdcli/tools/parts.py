@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -33,7 +34,7 @@ def _views(method):
                     [Target(rel.teacher, "relations", rel.blocks, student_blocks=rel.s_blocks)],
                     mask_teacher=rel.teacher, masking=method.masking, **common)
     feat_masking = "none" if method.n_keep == method.num_patches else "random"
-    feat = Distiller(method.student, {feat.teacher: method.teachers[feat.teacher]}, [Target(feat.teacher, "features")],
+    feat = Distiller(method.student, {feat.teacher: method.teachers[feat.teacher]}, [dataclasses.replace(feat)],
                      masking=feat_masking, **common)
     return mim, feat
 

@@ -164,23 +164,31 @@ def _load_shards(source, tf, img_size, samples, held_out, rank, world, positions
 
 # ---------------------------------------------------------------- features and gathering
 
-def token_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A timm ViT's final tokens (after its final norm) for normalised images x: [B, 3, H, W] -> [B, T, D]."""
-    return vit.run_blocks(model, vit.embed(model, x), final=True)[2]
+Summaries = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def embed_part(part: Part, tokens: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+def token_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image summary, mean patch token) [B, D] of a model for normalised images x [B, 3, H, W]: the final CLS
+    token (after the final norm), or the model's pooled summary (its MAP/average pool) when it has no class
+    token; the mean over the final patch tokens (registers left out)."""
+    last = vit.depth(model) - 1
+    _, leaving, feats = vit.run_blocks(model, *vit.embed(model, x), leave={last}, final=True)
+    cls = feats[:, 0] if vit.has_cls(model) else vit.pooled(model, leaving[last])
+    return cls.float(), feats[:, vit.num_prefix(model):].float().mean(dim=1)
+
+
+def embed_part(part: Part, summaries: Summaries, device: torch.device,
                autocast, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CLS features, average-pooled patch features) [m, D] fp32 of a part; ``tokens`` maps ImageNet-normalised
-    images on ``device`` to final tokens [B, T, D] (CLS first). An empty part gives [0, D] (one blank image is
+    """(CLS features, average-pooled patch features) [m, D] fp32 of a part; ``summaries`` maps ImageNet-normalised
+    images on ``device`` to both (``token_features``). An empty part gives [0, D] (one blank image is
     embedded for D), so that every rank gathers tensors of the same width."""
     cls, avg = [], []
     images = part.images if len(part.images) else torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8)
     with torch.inference_mode(), autocast():
         for i in range(0, len(images), BATCH):
-            t = tokens(data.normalize(images[i:i + BATCH].to(device, non_blocking=True))).float()
-            cls.append(t[:, 0])
-            avg.append(t[:, 1:].mean(dim=1))
+            c, a = summaries(data.normalize(images[i:i + BATCH].to(device, non_blocking=True)))
+            cls.append(c.float())
+            avg.append(a.float())
     cls, avg = torch.cat(cls), torch.cat(avg)
     return (cls, avg) if len(part.images) else (cls[:0], avg[:0])
 
@@ -260,7 +268,7 @@ class KnnMonitor:
             ui.console.print(f"k-NN eval set: {what} (k {self.k}, T {self.temperature:g}); loaded in "
                              f"{time.perf_counter() - t:.1f}s", soft_wrap=True, markup=False)
 
-    def evaluate(self, name: str, tokens: Callable[[torch.Tensor], torch.Tensor], accelerator) -> dict[str, float]:
+    def evaluate(self, name: str, tokens: Summaries, accelerator) -> dict[str, float]:
         t = time.perf_counter()
         try:
             return self._evaluate(name, tokens, accelerator)
