@@ -69,6 +69,13 @@ def test_registry_maps_short_names_to_tags_and_roles():
         "clip": ("vit_base_patch16_clip_quickgelu_224.openai", "feature"),
         "clip-l": ("vit_large_patch14_clip_quickgelu_224.openai", "feature"),
         "deit": ("deit_base_patch16_224.fb_in1k", "feature"),
+        "dinov2": ("vit_base_patch14_dinov2.lvd142m", "feature"),
+        "dinov2-reg": ("vit_base_patch14_reg4_dinov2.lvd142m", "feature"),
+        "dinov3": ("vit_base_patch16_dinov3.lvd1689m", "feature"),
+        "dinov3-l": ("vit_large_patch16_dinov3.lvd1689m", "feature"),
+        "siglip2": ("vit_base_patch16_siglip_224.v2_webli", "feature"),
+        "eva02-clip": ("eva02_base_patch16_clip_224.merged2b", "feature"),
+        "pe": ("vit_pe_core_base_patch16_224.fb", "feature"),
     }
 
 
@@ -77,6 +84,29 @@ def test_registry_hub_repos_are_timms():
 
     for name, spec in teachers.REGISTRY.items():
         assert teachers._REGISTRY_HUB_IDS[name] == get_pretrained_cfg(spec.tag).hf_hub_id, name
+
+
+def test_registry_families_prefix_tokens_and_input_statistics_are_timms():
+    """What `hd fetch-teachers --list` says of each teacher, against the real architecture (built on the meta
+    device: no weights) and timm's pretrained_cfg."""
+    import timm
+    import torch
+    from timm.models import get_pretrained_cfg
+
+    from hdcli.models import vit
+
+    for name, spec in teachers.REGISTRY.items():
+        cfg = get_pretrained_cfg(spec.tag)
+        assert teachers.STATS[spec.stats] == (tuple(cfg.mean), tuple(cfg.std)), name
+        with torch.device("meta"):
+            m = timm.create_model(spec.tag, pretrained=False, num_classes=0)
+        vit.check_vit(m, name)
+        assert spec.family.startswith({"vit": "ViT", "eva": "Eva (RoPE)"}[vit.family(m)]), name
+        assert (getattr(m, "rope", None) is not None) == ("RoPE" in spec.family), name
+        roles = vit.prefix_roles(m)
+        regs = roles.count("reg")
+        assert spec.prefix.startswith("CLS" if "cls" in roles else "none"), name
+        assert (f"+ {regs} reg" in spec.prefix) == (regs > 0), name
 
 
 def test_resolve_is_case_insensitive_for_registry_names():

@@ -11,7 +11,7 @@ import typer
 
 from hdcli.errors import HDError
 
-MODELS_HELP = ("Models to compare: registry names (mae, mae-l, clip, clip-l, deit), timm tags, "
+MODELS_HELP = ("Models to compare: registry names (mae, clip, dinov3, ...), timm tags, "
                "`local-dir:PATH` or a run's `student/` directory.")
 DATA_PANEL = "Images"
 RUN_PANEL = "Run"

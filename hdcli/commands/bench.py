@@ -26,7 +26,7 @@ def distill(
         "--student", help="Student architecture (timm name, random weights).", rich_help_panel=MODEL_PANEL)
     ] = "vit_base_patch16_224",
     teachers: Annotated[str, typer.Option(
-        "--teachers", help="MIM teacher, then feature teacher: registry names (mae, mae-l, clip, clip-l, deit) "
+        "--teachers", help="MIM teacher, then feature teacher: registry names (mae, clip, dinov3, ...) "
         "or timm architectures (vit_small_patch16_224). Random weights: nothing is downloaded.",
         rich_help_panel=MODEL_PANEL)] = "mae,clip",
     relation_heads: Annotated[str, typer.Option(

@@ -26,8 +26,9 @@ from hdcli.config import DistillConfig
 OPTIONS = (
     *run_options("runs/distill", recipe_help="TOML recipe (recipes/distill/*.toml); lists only what differs from "
                  "the paper's defaults."),
-    Opt("distill.teachers", ("--teachers",), "Comma-separated, MIM teacher first: registry names (mae, clip, deit, "
-        "...), timm tags, local-dir:PATH, or random:ARCH (smoke runs) (default: {default}).", MODEL),
+    Opt("distill.teachers", ("--teachers",), "Comma-separated, MIM teacher first (relations + masking), then one "
+        "or more feature teachers: registry names (mae, clip, dinov3, siglip2, ...), timm tags, local-dir:PATH, or "
+        "random:ARCH (smoke runs) (default: {default}).", MODEL),
     Opt("student.arch", ("--student",), "Student timm architecture.", MODEL, name="student"),
     Opt("data.img_size", ("--img-size",), "Input resolution.", MODEL, int),
     Opt("student.patch_size", ("--patch-size",), "Student patch size (tiny runs) (default: the architecture's).",
@@ -41,6 +42,8 @@ OPTIONS = (
     Opt("distill.masking", ("--masking",), "progressive | direct | random | none.", METHOD),
     Opt("distill.alpha", ("--alpha",), "Weight of the relation loss.", METHOD, float),
     Opt("distill.relation_heads", ("--relation-heads",), "match | mean (average relations over heads).", METHOD),
+    Opt("distill.target_norm", ("--target-norm",), "layernorm (the paper) | standardize (running per-channel, "
+        "UNIC) | phis (PHI-S, AM-RADIO): how feature targets are normalised.", METHOD),
     DATA_SOURCE, *DATA_OPTS,
     Opt("data.decode", ("--decode",), "auto (gpu on CUDA, else cpu) | cpu | pil (the reference) | gpu: who decodes "
         "and crops the JPEGs (docs/data.md).", DATA),

@@ -37,8 +37,8 @@ OPTIONS = (
     Opt("finetune.linear_probe", ("--linear-probe/--full",), "Linear probing: frozen backbone, BatchNorm + linear "
         "head, MAE's protocol (default: full fine-tuning).", MODEL, bool),
     Opt("finetune.num_classes", ("--num-classes",), "Classes (default: from the data).", MODEL, int),
-    Opt("finetune.global_pool", ("--global-pool",), "avg (+fc_norm) | token (default: {default}; token when linear "
-        "probing).", MODEL),
+    Opt("finetune.global_pool", ("--global-pool",), "avg (+fc_norm) | token | map (attention pool, as SigLIP) "
+        "(default: {default}; token when linear probing; avg for students without a class token).", MODEL),
     Opt("finetune.drop_path", ("--drop-path",), "Drop path rate (default: {default}; 0 when linear probing).",
         MODEL, float),
     Opt("data.img_size", ("--img-size",), "Input resolution; CIFAR is upsampled.", DATA, int),

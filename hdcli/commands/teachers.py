@@ -35,7 +35,7 @@ def _parse_from_file(values: list[str] | None) -> dict[str, str]:
 
 def fetch_teachers(
     names: Annotated[list[str] | None, typer.Argument(
-        help="Teachers to fetch, comma- or space-separated: registry names (mae, mae-l, clip, clip-l, deit), "
+        help="Teachers to fetch, comma- or space-separated: registry names (mae, clip, dinov3, ...), "
              "timm tags, hf-hub:ORG/NAME, or model directories.", metavar="NAMES", show_default=False)] = None,
     list_registry: Annotated[bool, typer.Option(
         "--list", help="Print the registry (name, timm tag, role) and whether each is in the cache.",
@@ -94,11 +94,13 @@ def _print_registry(teachers, cache_dir: Path | None) -> None:
 
     cache = Path(cache_dir).expanduser().resolve() if cache_dir else teachers.default_cache_dir()
     table = Table(title="teacher registry", caption=f"cache: {cache}")
-    for col in ("name", "tag", "role", "cached"):
+    for col in ("name", "tag", "role", "family", "prefix tokens", "mean/std", "cached"):
         table.add_column(col, overflow="fold")
     for name, spec in teachers.REGISTRY.items():
         hit = teachers.cached_weights(spec, cache)
-        table.add_row(name, spec.tag, spec.role or "", "yes" if hit else "no")
+        mean, std = teachers.STATS[spec.stats]
+        stats = f"{spec.stats}: {'/'.join(f'{v:.3g}' for v in mean)} ± {'/'.join(f'{v:.3g}' for v in std)}"
+        table.add_row(name, spec.tag, spec.role or "", spec.family, spec.prefix, stats, "yes" if hit else "no")
     _print_table(table)
 
 

@@ -20,7 +20,8 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 MASKING = ("progressive", "direct", "random", "none")
 RELATION_HEADS = ("match", "mean")
 TARGET_KINDS = ("features", "relations", "block", "msa")
-TARGET_KEYS = ("teacher", "kind", "blocks", "weight", "student_blocks", "name")
+TARGET_KEYS = ("teacher", "kind", "blocks", "weight", "student_blocks", "name", "norm", "registers", "pooled")
+TARGET_NORMS = ("layernorm", "standardize", "phis")  # hdcli.norms.NORMS (torch-free copy; a test keeps them equal)
 TRACKERS = ("tensorboard", "wandb")
 DECODE = ("auto", "cpu", "pil", "gpu")  # the training crop's decode paths (hdcli.data.decode)
 
@@ -144,8 +145,9 @@ class StudentConfig:
 
 @dataclass
 class MethodConfig:
-    """What to distil (METHOD.md). Empty ``targets`` = the paper's hybrid: features of ``teachers[1]`` and
-    relations of ``teachers[0]`` (the MIM teacher, which also chooses the kept tokens)."""
+    """What to distil (METHOD.md). Empty ``targets`` = the paper's hybrid: relations of ``teachers[0]`` (the MIM
+    teacher, which also chooses the kept tokens) and the features of each further teacher (``teachers[1]`` in the
+    paper; more for RADIO-style multi-teacher runs)."""
 
     teachers: list[str] = field(default_factory=lambda: ["mae", "clip"])  # MIM first; names, tags, dirs, random:ARCH
     teacher_kwargs: dict = field(default_factory=dict)  # timm kwargs for random:ARCH teachers (tiny runs)
@@ -159,6 +161,7 @@ class MethodConfig:
     relation_heads: str = "match"  # match | mean
     mask_teacher: str | None = None  # general form only: the teacher choosing kept tokens (default teachers[0])
     targets: list[dict] = field(default_factory=list)  # general form: [{teacher, kind, blocks, weight}, ...]
+    target_norm: str = "layernorm"  # layernorm (paper) | standardize (UNIC) | phis (AM-RADIO): feature targets' default
 
     def validate(self) -> None:
         if not self.teachers:
@@ -173,9 +176,10 @@ class MethodConfig:
             blocks = getattr(self, what) or []
             if any(b < 0 for b in blocks):
                 raise HDError(f"distill.{what} are 0-based block indices, got {blocks}")
-        if not self.targets and len(self.teachers) != 2:
-            raise HDError(f"the hybrid default needs two teachers (MIM first, then features), got {self.teachers}",
-                          "for other combinations list [[distill.targets]] (see docs/distill.md)")
+        if not self.targets and len(self.teachers) < 2:
+            raise HDError(f"the hybrid default needs two or more teachers (MIM first, then feature teachers), got "
+                          f"{self.teachers}", "for other combinations list [[distill.targets]] (see docs/distill.md)")
+        _choice(self.target_norm, TARGET_NORMS, "distill.target_norm")
         if self.mask_teacher is not None and self.mask_teacher not in self.teachers:
             raise HDError(f"distill.mask_teacher {self.mask_teacher!r} is not one of distill.teachers",
                           did_you_mean(self.mask_teacher, self.teachers))
@@ -191,6 +195,10 @@ class MethodConfig:
                 raise HDError(f"{where}.teacher {t['teacher']!r} is not one of distill.teachers {self.teachers}",
                               did_you_mean(str(t["teacher"]), self.teachers))
             _choice(t["kind"], TARGET_KINDS, f"{where}.kind")
+            _choice(t.get("norm", "layernorm"), TARGET_NORMS, f"{where}.norm")
+            for flag in ("registers", "pooled"):
+                if not isinstance(t.get(flag, False), bool):
+                    raise HDError(f"{where}.{flag} must be true or false, got {t[flag]!r}")
             w = t.get("weight", 1.0)
             if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
                 raise HDError(f"{where}.weight must be a finite number ≥ 0, got {w!r}")
@@ -244,7 +252,7 @@ class DistillConfig:
 # ---------------------------------------------------------------- hd finetune
 
 FT_DATASETS = ("cifar100", "imagenet", "cars", "inat19", "folder", "demo", "fashion-mnist")
-GLOBAL_POOLS = ("avg", "token")
+GLOBAL_POOLS = ("avg", "token", "map")  # map: an attention-pool head (SigLIP, PE)
 MIXUP_MODES = ("batch", "pair", "elem")
 ERASE_MODES = ("pixel", "rand", "const")
 

@@ -24,6 +24,7 @@ from torch import nn
 from hdcli import data, teachers, ui
 from hdcli.config import DistillConfig
 from hdcli.errors import HDError
+from hdcli.models import vit
 from hdcli.rundir import STUDENT
 from hdcli.train.task import Task
 
@@ -41,8 +42,6 @@ def check_teacher_names(names: list[str]) -> None:
 
 
 def build_student(cfg: DistillConfig) -> nn.Module:
-    from hdcli.models import vit
-
     s = cfg.student
     model = teachers.create(s.arch, pretrained=False, num_classes=0, img_size=cfg.data.img_size,
                             patch_size=s.patch_size, drop_path_rate=s.drop_path, **s.kwargs)
@@ -78,24 +77,32 @@ def teacher_label(name: str) -> str:
 
 
 def build_method(student: nn.Module, models: dict[str, nn.Module], dc) -> nn.Module:
-    """HybridDistill (empty ``targets``) or the general Distiller from the ``[distill]`` section."""
+    """From the ``[distill]`` section: HybridDistill (empty ``targets``, two teachers), the hybrid with several
+    feature teachers (empty ``targets``, three or more), or the general Distiller (``targets``)."""
     from hdcli.method import Distiller, HybridDistill, Target
 
-    names = list(models)
-    if not dc.targets:
+    s_rel = None if dc.student_relation_blocks is None else tuple(dc.student_relation_blocks)
+    if not dc.targets and len(dc.teachers) == 2:
         return HybridDistill(
             student, models[dc.teachers[0]], models[dc.teachers[1]],
             relation_blocks=tuple(dc.relation_blocks), mask_blocks=tuple(dc.mask_blocks),
             drop_ratio=dc.drop_ratio, alpha=dc.alpha, beta=dc.beta, masking=dc.masking,
-            relation_heads=dc.relation_heads,
-            student_relation_blocks=None if dc.student_relation_blocks is None else tuple(dc.student_relation_blocks))
+            relation_heads=dc.relation_heads, student_relation_blocks=s_rel, target_norm=dc.target_norm)
+    names = list(models)
     keys = {name: teacher_key(name, i) for i, name in enumerate(names)}
     if len(set(keys.values())) != len(keys):
         keys = {name: f"teacher{i}" for i, name in enumerate(names)}
-    targets = [Target(teacher=keys[t["teacher"]], kind=t["kind"], blocks=tuple(t.get("blocks", ())),
-                      weight=float(t.get("weight", 1.0)),
-                      student_blocks=None if t.get("student_blocks") is None else tuple(t["student_blocks"]),
-                      name=t.get("name")) for t in dc.targets]
+    if dc.targets:
+        targets = [Target(teacher=keys[t["teacher"]], kind=t["kind"], blocks=tuple(t.get("blocks", ())),
+                          weight=float(t.get("weight", 1.0)),
+                          student_blocks=None if t.get("student_blocks") is None else tuple(t["student_blocks"]),
+                          name=t.get("name"), norm=t.get("norm", "layernorm" if t["kind"] == "relations" else dc.target_norm),
+                          registers=bool(t.get("registers", False)), pooled=bool(t.get("pooled", True)))
+                   for t in dc.targets]
+    else:  # the hybrid with several feature teachers: MIM relations (weight alpha) + each teacher's features
+        mim, *feature = dc.teachers
+        targets = [Target(keys[mim], "relations", tuple(dc.relation_blocks), dc.alpha, s_rel),
+                   *(Target(keys[f], "features", norm=dc.target_norm) for f in feature)]
     needs_mask = dc.masking in ("progressive", "direct") and dc.drop_ratio > 0
     mask_teacher = dc.mask_teacher or (dc.teachers[0] if needs_mask else None)
     return Distiller(student, {keys[n]: m for n, m in models.items()}, targets,
@@ -137,8 +144,13 @@ class DistillTask(Task):
         self.model = build_method(student, models, dc)
         self._say_renormalised(models)
         self.frozen = list({id(m): m for m in self.model.teachers.values()}.values())
-        # without a features target the student's last blocks/norm get no gradient: DDP must know
-        self.find_unused_parameters = not any(t.kind == "features" for t in self.model.targets)
+        # without a features target the student's last blocks/norm get no gradient, and a student's attention-pool
+        # head (SigLIP/PE style) never gets one: DDP must know
+        self.find_unused_parameters = (not any(t.kind == "features" for t in self.model.targets)
+                                       or getattr(student, "attn_pool", None) is not None)
+        if self.monitor is not None and cfg.eval.probe_images and not all(map(vit.exposes_qk, student.blocks)):
+            raise HDError(f"the head-distance/NMI probe needs attention maps, which {cfg.student.arch}'s blocks "
+                          "cannot expose", "set eval.probe_images = 0")
 
     @staticmethod
     def _monitor(cfg: DistillConfig):

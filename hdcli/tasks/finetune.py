@@ -149,7 +149,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     fc = cfg.finetune
     d = student_dir(fc.student)
     name = f"local-dir:{d.resolve()}" if d is not None else fc.student
-    pool = _pooling(fc, d)
+    pool = _pooling(fc, d, name)
     # timm loads non-strictly when the class count changes and logs the final norm that avg pooling
     # leaves unused as "unexpected"; teachers.check_coverage below does the real check
     builder_log = logging.getLogger("timm.models._builder")
@@ -169,10 +169,18 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
                       f"e.g. --img-size {max(1, round(cfg.data.img_size / patch[0])) * patch[0]}")
     weights = _student_weights(fc.student)
     if weights is not None:  # MAE: a new classifier (and a new fc_norm for average pooling, the old norm unused)
-        # token pooling of a student that pools by averaging: its fc_norm goes unused, norm is trained afresh
-        fresh, dropped = (("head.", "fc_norm."), ("head.", "norm.")) if pool == "avg" else \
-            (("head.", "norm."), ("head.", "fc_norm.")) if _own_pooling(d) == "avg" else (("head.",), ("head.",))
-        teachers.check_coverage(model, weights, fresh=fresh, dropped=dropped, who="the student")
+        own = _own_pooling(d)
+        if pool == "avg" and isinstance(model.norm, nn.Identity):  # timm moved the final norm to fc_norm
+            fresh, dropped = ["head.", "fc_norm."], ["head.", "norm."]
+        elif own == "avg" and pool != "avg":  # its fc_norm goes unused, norm is trained afresh
+            fresh, dropped = ["head.", "norm."], ["head.", "fc_norm."]
+        else:
+            fresh, dropped = ["head."], ["head."]
+        if own == "map" and pool != "map":  # a SigLIP/PE-style student's attention pool goes unused
+            dropped.append("attn_pool.")
+        elif pool == "map" and own != "map":  # a new attention pool
+            fresh.append("attn_pool.")
+        teachers.check_coverage(model, weights, fresh=tuple(fresh), dropped=tuple(dropped), who="the student")
     mode = "linear_probe" if fc.linear_probe else "finetune"
     head = model.head
     trunc_normal_(head.weight, std=HEAD_INIT_STD[mode])
@@ -184,14 +192,30 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def _pooling(fc, d: Path | None) -> str:
-    """``finetune.global_pool``, except that linear probing follows a student that pools by averaging: its
-    final norm is ``fc_norm`` (``norm`` is Identity), which token pooling would lack."""
-    if not fc.linear_probe or fc.global_pool != "token" or _own_pooling(d) != "avg":
+def _pooling(fc, d: Path | None, name: str) -> str:
+    """``finetune.global_pool``, except for token pooling of a student without a class token (SigLIP, AIMv2 style),
+    which averages its patch tokens instead, and for linear probing of a student that pools by averaging (its
+    final norm may be ``fc_norm``, which token pooling would lack), which does too."""
+    if fc.global_pool != "token":
+        return fc.global_pool
+    if not _has_class_token(name):
+        if ui.is_main_process():
+            ui.info("the student has no class token: it is fine-tuned on its average-pooled patch tokens")
+        return "avg"
+    if not fc.linear_probe or _own_pooling(d) != "avg":
         return fc.global_pool
     if ui.is_main_process():
-        ui.info("the student pools by averaging (its final norm is fc_norm): linear probing does too")
+        ui.info("the student pools by averaging: linear probing does too")
     return "avg"
+
+
+def _has_class_token(name: str) -> bool:
+    """Whether the student ``name`` has a class token (its architecture built on the meta device: no weights)."""
+    from hdcli import teachers
+    from hdcli.models import vit
+
+    with torch.device("meta"):
+        return vit.has_cls(teachers.create(name, pretrained=False, num_classes=0))
 
 
 def _own_pooling(d: Path | None) -> str | None:

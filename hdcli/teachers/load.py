@@ -73,6 +73,8 @@ def _create_model(tag: str, **kwargs) -> nn.Module:
     """timm.create_model with timm's user-facing failures turned into HDErrors."""
     import timm
 
+    from hdcli.models.vit import SUPPORTED
+
     try:
         return timm.create_model(tag, **kwargs)
     except TypeError as e:  # e.g. a ResNet: its constructor takes no img_size / patch_size
@@ -81,8 +83,7 @@ def _create_model(tag: str, **kwargs) -> nn.Module:
         arg = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
         if arg in ("img_size", "patch_size", "drop_path_rate", "global_pool"):  # what hd passes to every ViT
             raise HDError(f"{tag} is not a Vision Transformer (timm's model takes no {arg})",
-                          "hd distils, fine-tunes and analyses timm ViTs: vit_*, deit_*, *_clip_* tags, or a "
-                          "save_for_hf dir of one") from None
+                          f"hd distils, fine-tunes and analyses a {SUPPORTED}, or a save_for_hf dir of one") from None
         raise HDError(f"timm's {tag} takes no argument {arg!r}",
                       "check student.kwargs / distill.teacher_kwargs (e.g. embed_dim, depth, num_heads)") from None
     except ValueError as e:

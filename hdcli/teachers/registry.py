@@ -33,15 +33,36 @@ class TeacherSpec:
     name: str
     tag: str
     role: str | None = None
+    family: str = ""  # docs/teachers.md: "ViT", "ViT, no CLS", "Eva (RoPE)"
+    prefix: str = ""  # its prefix tokens: "CLS", "CLS + 4 reg", "none (MAP head)"
+    stats: str = ""  # the input mean/std of its pretrained_cfg: "imagenet", "clip" or "0.5"
 
 
-# Paper Sec. 4.1 / METHOD.md defaults. OpenAI CLIP was trained with QuickGELU, hence the quickgelu tags.
+# Paper Sec. 4.1 / METHOD.md defaults, then today's feature teachers (docs/teachers.md). OpenAI CLIP was
+# trained with QuickGELU, hence the quickgelu tags.
 REGISTRY: dict[str, TeacherSpec] = {
-    "mae": TeacherSpec("mae", "vit_base_patch16_224.mae", "mim"),
-    "mae-l": TeacherSpec("mae-l", "vit_large_patch16_224.mae", "mim"),
-    "clip": TeacherSpec("clip", "vit_base_patch16_clip_quickgelu_224.openai", "feature"),
-    "clip-l": TeacherSpec("clip-l", "vit_large_patch14_clip_quickgelu_224.openai", "feature"),
-    "deit": TeacherSpec("deit", "deit_base_patch16_224.fb_in1k", "feature"),
+    "mae": TeacherSpec("mae", "vit_base_patch16_224.mae", "mim", "ViT", "CLS", "imagenet"),
+    "mae-l": TeacherSpec("mae-l", "vit_large_patch16_224.mae", "mim", "ViT", "CLS", "imagenet"),
+    "clip": TeacherSpec("clip", "vit_base_patch16_clip_quickgelu_224.openai", "feature", "ViT", "CLS", "clip"),
+    "clip-l": TeacherSpec("clip-l", "vit_large_patch14_clip_quickgelu_224.openai", "feature", "ViT", "CLS", "clip"),
+    "deit": TeacherSpec("deit", "deit_base_patch16_224.fb_in1k", "feature", "ViT", "CLS", "imagenet"),
+    "dinov2": TeacherSpec("dinov2", "vit_base_patch14_dinov2.lvd142m", "feature", "ViT", "CLS", "imagenet"),
+    "dinov2-reg": TeacherSpec("dinov2-reg", "vit_base_patch14_reg4_dinov2.lvd142m", "feature", "ViT", "CLS + 4 reg",
+                              "imagenet"),
+    "dinov3": TeacherSpec("dinov3", "vit_base_patch16_dinov3.lvd1689m", "feature", "Eva (RoPE)", "CLS + 4 reg",
+                          "imagenet"),
+    "dinov3-l": TeacherSpec("dinov3-l", "vit_large_patch16_dinov3.lvd1689m", "feature", "Eva (RoPE)", "CLS + 4 reg",
+                            "imagenet"),
+    "siglip2": TeacherSpec("siglip2", "vit_base_patch16_siglip_224.v2_webli", "feature", "ViT", "none (MAP head)",
+                           "0.5"),
+    "eva02-clip": TeacherSpec("eva02-clip", "eva02_base_patch16_clip_224.merged2b", "feature", "Eva (RoPE)", "CLS",
+                              "clip"),
+    "pe": TeacherSpec("pe", "vit_pe_core_base_patch16_224.fb", "feature", "Eva (RoPE)", "CLS (+ MAP head)", "0.5"),
+}
+STATS = {  # what TeacherSpec.stats stands for (mean, std); tests/test_teachers.py checks them against timm
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "0.5": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 
 # The hub repos timm's pretrained_cfg names for the registry tags (the quickgelu CLIP tags share the
@@ -53,6 +74,13 @@ _REGISTRY_HUB_IDS: dict[str, str] = {
     "clip": "timm/vit_base_patch16_clip_224.openai",
     "clip-l": "timm/vit_large_patch14_clip_224.openai",
     "deit": "timm/deit_base_patch16_224.fb_in1k",
+    "dinov2": "timm/vit_base_patch14_dinov2.lvd142m",
+    "dinov2-reg": "timm/vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov3": "timm/vit_base_patch16_dinov3.lvd1689m",
+    "dinov3-l": "timm/vit_large_patch16_dinov3.lvd1689m",
+    "siglip2": "timm/vit_base_patch16_siglip_224.v2_webli",
+    "eva02-clip": "timm/eva02_base_patch16_clip_224.merged2b",
+    "pe": "timm/vit_pe_core_base_patch16_224.fb",
 }
 
 
