@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
+from reference import ref_ln, ref_smooth_l1, ref_weigh, rel_err
 
 from hdcli import norms
 from hdcli.errors import HDError
@@ -170,15 +171,6 @@ def test_prefix_tokens_are_matched_by_role():
 
 # ------------------------------------------------------------------ the whole method vs a separate loop
 
-def ref_ln(f):
-    mu = f.mean(-1, keepdim=True)
-    return (f - mu) / torch.sqrt(((f - mu) ** 2).mean(-1, keepdim=True) + 1e-6)
-
-
-def ref_smooth_l1(a, b, beta=2.0):
-    d = (a - b).abs()
-    return torch.where(d < beta, 0.5 * d ** 2 / beta, d - 0.5 * beta).mean()
-
 
 def ref_teacher_input(model, x, size):
     cfg = model.pretrained_cfg
@@ -255,7 +247,7 @@ def ref_loss(student, teachers, targets, heads, x, mask_teacher, mask_blocks, r,
     t_out = {n: ref_teacher(m, ref_teacher_input(m, x, size[n])) for n, m in teachers.items()}
     keeps = ref_keep(t_out[mask_teacher][0], teachers[mask_teacher].num_prefix_tokens, mask_blocks, r)
     s_out = ref_student(student, x, keeps)
-    loss_feat, loss_rel, parts = 0.0, 0.0, {}
+    parts = {}
     for t in targets:
         tm = teachers[t.teacher]
         states, rope, feats, pooled = t_out[t.teacher]
@@ -285,18 +277,8 @@ def ref_loss(student, teachers, targets, heads, x, mask_teacher, mask_blocks, r,
                 else:
                     tv = ref_ln(tv)
             vals.append(ref_smooth_l1(sv, tv))
-        part = sum(vals) / len(vals)
-        parts[t.name] = part
-        if t.kind == "relations":
-            loss_rel = loss_rel + t.weight * part
-        else:
-            loss_feat = loss_feat + t.weight * part
-    return loss_feat, loss_rel, keeps, parts
-
-
-def rel_err(a, b):
-    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+        parts[t.name] = sum(vals) / len(vals)
+    return *ref_weigh(targets, parts), keeps, parts
 
 
 TINY64 = dict(img_size=64, patch_size=8, embed_dim=48, num_heads=3, depth=4)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_vit
+from reference import ref_ln, ref_smooth_l1, ref_weigh, rel_err
 
 from hdcli.errors import HDError
 from hdcli.method import Distiller, HybridDistill, Target
@@ -93,17 +94,6 @@ def ref_relations(blk, h, heads):
     return r.mean(0, keepdim=True) if heads == "mean" else r
 
 
-def ref_ln(f):
-    mu = f.mean(-1, keepdim=True)
-    var = ((f - mu) ** 2).mean(-1, keepdim=True)
-    return (f - mu) / torch.sqrt(var + 1e-6)
-
-
-def ref_smooth_l1(a, b, beta=2.0):
-    d = (a - b).abs()
-    return torch.where(d < beta, 0.5 * d**2 / beta, d - 0.5 * beta).mean()
-
-
 def ref_loss(student, teachers, targets, heads, x, mask_teacher, mask_blocks, r, strategy, rel_heads):
     """Returns loss_feat, loss_rel, keep (list per image), unweighted parts."""
     with torch.no_grad():
@@ -120,13 +110,13 @@ def ref_loss(student, teachers, targets, heads, x, mask_teacher, mask_blocks, r,
         h = blk(h)
     s_enter.append(h)
     s_feat = student.norm(h)
-    loss_feat, loss_rel, parts = 0.0, 0.0, {}
+    parts = {}
     for t in targets:
         states, feats = t_out[t.teacher]
         tm = teachers[t.teacher]
         if t.kind == "features":
             tgt = torch.stack([ref_ln(feats[i, sets[i]]) for i in range(b)])
-            part = ref_smooth_l1(heads[t.name](s_feat), tgt)
+            parts[t.name] = ref_smooth_l1(heads[t.name](s_feat), tgt)
         else:
             vals = []
             for bt, bs in zip(t.blocks, t.s_blocks, strict=True):
@@ -145,18 +135,8 @@ def ref_loss(student, teachers, targets, heads, x, mask_teacher, mask_blocks, r,
                         tgt = torch.stack([ref_ln(blk.attn(blk.norm1(states[bt][i:i + 1]))[0, sets[i]]) for i in range(b)])
                     sb = student.blocks[bs]
                     vals.append(ref_smooth_l1(heads[f"{t.name}@{bt}"](sb.attn(sb.norm1(s_enter[bs]))), tgt))
-            part = sum(vals) / len(vals)
-        parts[t.name] = part
-        if t.kind == "relations":
-            loss_rel = loss_rel + t.weight * part
-        else:
-            loss_feat = loss_feat + t.weight * part
-    return loss_feat, loss_rel, keep, parts
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+            parts[t.name] = sum(vals) / len(vals)
+    return *ref_weigh(targets, parts), keep, parts
 
 
 CONFIGS = {

@@ -177,7 +177,7 @@ class MethodConfig:
             if any(b < 0 for b in blocks):
                 raise HDError(f"distill.{what} are 0-based block indices, got {blocks}")
         if not self.targets and len(self.teachers) < 2:
-            raise HDError(f"the hybrid default needs two or more teachers (MIM first, then feature teachers), got "
+            raise HDError(f"the hybrid default needs two teachers or more (MIM first, then feature teachers), got "
                           f"{self.teachers}", "for other combinations list [[distill.targets]] (see docs/distill.md)")
         _choice(self.target_norm, TARGET_NORMS, "distill.target_norm")
         if self.mask_teacher is not None and self.mask_teacher not in self.teachers:
