@@ -165,3 +165,13 @@ def test_a_target_weight_must_be_finite():
     with pytest.raises(HDError, match=r"distill.targets\[0\].weight must be a finite number ≥ 0, got nan"):
         load_config(DistillConfig, overrides=config.parse_assignments(
             ['distill.targets=[{teacher = "mae", kind = "features", weight = nan}]']))
+
+
+def test_target_tables_outside_the_distill_section_name_where_they_go(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[distill]\nteachers = ["mae", "clip"]\n\n[[target]]\nteacher = "clip"\nkind = "features"\n')
+    with pytest.raises(HDError, match=r"\[\[target\]\] tables .* belong to the distill section") as e:
+        load_config(DistillConfig, recipe=recipe)
+    assert "[[distill.targets]]" in e.value.hint
+    recipe.write_text(recipe.read_text().replace("[[target]]", "[[distill.targets]]"))
+    assert load_config(DistillConfig, recipe=recipe).distill.targets == [{"teacher": "clip", "kind": "features"}]

@@ -121,6 +121,9 @@ def merge(cfg, data: dict, where: str) -> None:
     secs = sections(type(cfg))
     for sname, values in data.items():
         if sname not in secs:
+            if sname in ("target", "targets") and "distill" in secs:  # [[target]] tables outside [distill]
+                raise HDError(f"[[{sname}]] tables in {where} belong to the distill section",
+                              "write each as [[distill.targets]] with teacher, kind, blocks, weight (docs/distill.md)")
             if isinstance(values, dict):  # a mistyped section name
                 raise HDError(f"unknown config section [{sname}] in {where}", did_you_mean(sname, secs))
             raise _unknown(sname, type(cfg), where)  # a bare key outside any section
