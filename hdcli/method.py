@@ -326,7 +326,7 @@ class Distiller(nn.Module):
                 if t.blocks or t.student_blocks:
                     raise HDError(f"target {t.name}: features are taken after the final norm, not at blocks",
                                   "use kind='block' for the output of an intermediate block")
-                heads[_head_key(t)] = _linear(vit.width(s), tm.num_features)
+                heads[_head_key(t)] = _linear(vit.width(s), self._target_width(t, None))
                 continue
             if not t.blocks:
                 raise HDError(f"target {t.name} needs at least one block")
@@ -346,7 +346,7 @@ class Distiller(nn.Module):
                                       f"block {bs}", "relations need equal head counts; pass relation_heads='mean' "
                                       "to average over heads")
                 else:
-                    heads[_head_key(t, bt)] = _linear(vit.width(s), vit.width(tm))
+                    heads[_head_key(t, bt)] = _linear(vit.width(s), self._target_width(t, bt))
         return heads
 
     def _match(self, t: Target) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
@@ -363,6 +363,7 @@ class Distiller(nn.Module):
         return match
 
     def _target_width(self, t: Target, block: int | None) -> int:
+        """Channels of a feature-like target: the final features' (``block`` None) or a block's hidden width."""
         tm = self._teachers[t.teacher].model
         return int(tm.num_features) if block is None else vit.width(tm)
 
@@ -451,14 +452,13 @@ class Distiller(nn.Module):
             for t in self.targets:
                 tap, run = TAPS[t.kind], runs[t.teacher]
                 p = vit.num_prefix(run.model)
-                take, _, use_pooled = self.tokens[t.name]
-                take = None if take == tuple(range(p)) else take  # all prefix tokens (MAE, CLIP): a plain slice
+                take, _, use_pooled = self.tokens[t.name]  # all prefix tokens (MAE, CLIP): a plain slice
                 for bt, _ in t.pairs:
                     block = None if bt is None else run.model.blocks[bt]
                     h = run.at(tap.at, bt)  # [B, P+N, D]
                     if tap.gather_first:  # [B, P'+n, D] or [B, H, P'+n, P'+n]
                         v = tap.fn(block, vit.gather_tokens(h, keep, p, take), vit.gather_rope(run.rope, keep),
-                                   p if take is None else len(take))
+                                   len(take))
                     else:
                         v = vit.gather_tokens(tap.fn(block, h, run.rope, p), keep, p, take)  # [B, P'+n, D]
                     if use_pooled:  # the student's CLS learns the pooled summary of a teacher without one

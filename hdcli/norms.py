@@ -7,8 +7,8 @@
   channel then has variance exactly 1 (``diag(H Λ Hᵀ) = mean(Λ)``), whatever the teacher's spectrum.
 
 Running statistics are exponential moving averages over training batches (``MOMENTUM``; the first batch sets them),
-kept as buffers, so they are checkpointed and resumed with the run; PHI-S fixes its transform after ``PHIS_STEPS``. Teachers with very different feature scales
-otherwise weigh very differently in a summed loss. The pure functions below take tensors; ``RunningNorm`` holds
+kept as buffers, so they are checkpointed and resumed with the run; PHI-S fixes its transform after ``PHIS_STEPS``.
+Teachers with very different feature scales otherwise weigh very differently in a summed loss. The pure functions below take tensors; ``RunningNorm`` holds
 the statistics.
 """
 

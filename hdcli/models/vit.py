@@ -159,13 +159,11 @@ def embed(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
     x: [B, 3, H, W] -> ([B, P+N, D], rope [N, E] or None)
     """
-    x = model.patch_embed(x)  # [B, N, D] (or [B, h, w, D] for dynamic_img_size models)
-    if family(model) == "eva":
-        x, rope = model._pos_embed(x)  # prefix + patches; RoPE of the patches (patch dropout inside, eval: none)
-        return model.norm_pre(x), rope
-    x = model._pos_embed(x)  # [B, P+N, D] prefix + patches, each with its position embedding
-    x = model.patch_drop(x)
-    return model.norm_pre(x), None
+    return embed_kept(model, x, None)
+
+
+def _takes_all(prefix: int, take: Sequence[int] | None) -> bool:
+    return take is None or tuple(take) == tuple(range(prefix))
 
 
 def gather_tokens(x: torch.Tensor, keep: torch.Tensor, prefix: int = 1,
@@ -173,15 +171,16 @@ def gather_tokens(x: torch.Tensor, keep: torch.Tensor, prefix: int = 1,
     """Prefix tokens followed by the kept patches.
 
     x: [B, P+N, D] with ``prefix`` = P, keep: [B, n] patch indices -> [B, P'+n, D]; ``take`` (default: all P)
-    picks which prefix tokens stay, in the given order (e.g. ``(0,)``: CLS only, registers dropped).
+    picks which prefix tokens stay, in the given order (e.g. ``(0,)``: CLS only, registers dropped). Taking all
+    of them is a plain slice.
     """
     patches = x[:, prefix:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, n, D]
-    return torch.cat([x[:, :prefix] if take is None else x[:, list(take)], patches], dim=1)
+    return torch.cat([x[:, :prefix] if _takes_all(prefix, take) else x[:, list(take)], patches], dim=1)
 
 
 def select_prefix(x: torch.Tensor, prefix: int, take: Sequence[int] | None) -> torch.Tensor:
     """Keep the prefix tokens ``take`` (None: all) of x [B, P+n, D] and every patch token after them."""
-    if take is None or tuple(take) == tuple(range(prefix)):
+    if _takes_all(prefix, take):
         return x
     return torch.cat([x[:, list(take)], x[:, prefix:]], dim=1)
 
@@ -196,7 +195,8 @@ def gather_rope(rope: torch.Tensor | None, keep: torch.Tensor | None) -> torch.T
 
 def embed_kept(model: nn.Module, x: torch.Tensor,
                keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Student input: embed all patches, then gather the prefix + kept tokens BEFORE any block (cost ∝ tokens).
+    """Student input: embed all patches, then gather the prefix + kept tokens BEFORE any block (cost ∝ tokens);
+    with ``keep`` None, the whole sequence (:func:`embed`).
 
     x: [B, 3, H, W], keep: [B, n] or None (all) -> ([B, P+n, D], rope of the kept patches or None).
     ``norm_pre`` is per token, so applying it after the gather gives the same values as before it.

@@ -96,7 +96,8 @@ def build_method(student: nn.Module, models: dict[str, nn.Module], dc) -> nn.Mod
         targets = [Target(teacher=keys[t["teacher"]], kind=t["kind"], blocks=tuple(t.get("blocks", ())),
                           weight=float(t.get("weight", 1.0)),
                           student_blocks=None if t.get("student_blocks") is None else tuple(t["student_blocks"]),
-                          name=t.get("name"), norm=t.get("norm", "layernorm" if t["kind"] == "relations" else dc.target_norm),
+                          name=t.get("name"),
+                          norm=t.get("norm", dc.target_norm if t["kind"] != "relations" else "layernorm"),
                           registers=bool(t.get("registers", False)), pooled=bool(t.get("pooled", True)))
                    for t in dc.targets]
     else:  # the hybrid with several feature teachers: MIM relations (weight alpha) + each teacher's features
