@@ -129,7 +129,7 @@ def test_plan_epochs_are_different_permutations():
 
 
 def test_demo_split_is_80_20_stratified():
-    d = data._digits()
+    d = data.digits()
     assert (len(d["train"]), len(d["val"])) == (1437, 360)
     val_counts = np.bincount(d["val"].labels, minlength=10)
     all_counts = val_counts + np.bincount(d["train"].labels, minlength=10)
@@ -145,7 +145,7 @@ def test_demo_loader_gives_uint8_batches_and_len_per_epoch():
 
 
 def test_demo_images_are_grey_rgb_digits():
-    img = data._digits()["train"].load(0)
+    img = data.digits()["train"].load(0)
     a = np.asarray(img)
     assert a.shape == (32, 32, 3) and (a[..., 0] == a[..., 2]).all() and a.max() > 200
 

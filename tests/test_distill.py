@@ -169,26 +169,55 @@ def tiny_cfg(**overrides):
 def test_tiny_recipe_builds_the_hybrid_with_progressive_masking():
     import torch
 
-    from hdcli.method import HybridDistill
+    from hdcli.method import Target
     from hdcli.tasks.distill import DistillTask
 
     task = DistillTask(tiny_cfg())
-    assert isinstance(task.model, HybridDistill) and task.model.n_keep == 22  # 64 -> 45 -> 32 -> 22
-    assert len(task.frozen) == 2 and not task.find_unused_parameters
+    # the paper's two targets, named by the teachers' labels (random:<registry tag> -> the registry name)
+    assert task.model.targets == (Target("mae", "relations", (9, 10)), Target("clip", "features"))
+    assert task.model.teacher_pass.mask_teacher == "mae" and task.model.n_keep == 22  # 64 -> 45 -> 32 -> 22
+    assert sorted(task.model.teachers) == ["clip", "mae"] and not task.find_unused_parameters
+    assert all(not p.requires_grad for m in task.model.teachers.values() for p in m.parameters())
     batch = next(iter(task.train_loader(rank=0, world_size=1, seed=0)))
     out = task.loss(task.model, batch)
     assert {"loss", "loss_feat", "loss_rel"} <= out.keys() and torch.isfinite(out["loss"])
 
 
 def test_general_targets_build_a_single_teacher_baseline():
-    from hdcli.method import HybridDistill
     from hdcli.tasks.distill import DistillTask
 
     clip = "random:vit_base_patch16_clip_quickgelu_224.openai"
     task = DistillTask(tiny_cfg(**{"distill.teachers": [clip], "distill.masking": "none",
                                    "distill.targets": [{"teacher": clip, "kind": "features"}]}))
-    assert not isinstance(task.model, HybridDistill) and task.model.n_keep == 64
-    assert [t.name for t in task.model.targets] == ["vit_base_patch16_clip_quickgelu_224_openai/features"]
+    assert task.model.n_keep == 64 and task.model.teacher_pass.mask_teacher is None
+    assert [t.name for t in task.model.targets] == ["clip/features"]
+
+
+def test_the_hybrid_by_flags_and_as_explicit_targets_logs_the_same_names_and_losses():
+    """One naming scheme whatever the spelling (docs/distill.md "Metric names"): the tiny recipe's two teachers as
+    the hybrid default, and the same two targets written as [[distill.targets]], in the other order."""
+    import torch
+
+    from hdcli.seeding import seed_all
+    from hdcli.tasks.distill import DistillTask
+
+    mae, clip = tiny_cfg().distill.teachers
+    spelled = {"distill.targets": [{"teacher": clip, "kind": "features"},
+                                   {"teacher": mae, "kind": "relations", "blocks": [9, 10]}],
+               "distill.mask_teacher": mae}
+    outs = []
+    for overrides in ({}, spelled):
+        seed_all(0)
+        task = DistillTask(tiny_cfg(**overrides))
+        batch = next(iter(task.train_loader(rank=0, world_size=1, seed=0)))
+        seed_all(1)
+        outs.append(task.loss(task.model, batch, detail=True))
+    by_flags, by_targets = outs
+    assert sorted(by_flags) == sorted(by_targets)
+    assert {"part/mae/relations", "part/clip/features", "share/mae/relations", "cos/clip/features",
+            "attn/mae/relations/9"} <= by_flags.keys()
+    assert all(torch.equal(by_flags[k], by_targets[k]) for k in by_flags), \
+        {k: (float(by_flags[k]), float(by_targets[k])) for k in by_flags}
 
 
 def test_export_writes_the_student_alone_with_imagenet_statistics(tmp_path):

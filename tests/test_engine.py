@@ -18,7 +18,7 @@ from torch import nn
 from hdcli.config import OptimConfig, TrainConfig
 from hdcli.errors import HDError
 from hdcli.seeding import mix_seed
-from hdcli.train import checkpoints, engine, optim
+from hdcli.train import checkpoints, engine, optim, setup
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Toy(engine.Task):
     def train_loader(self, *, rank, world_size, seed):
         return ToyLoader(self.x, self.y, self.cfg.train.batch_size, rank, world_size, seed)
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, *, detail=False):
         step = self.calls // self.cfg.train.accum_steps
         self.calls += 1
         if self.sigterm_at is not None and step == self.sigterm_at:
@@ -301,7 +301,7 @@ def test_lr_of_logged_steps_follows_the_schedule(tmp_path):
 class InfBias(Toy):
     """The last layer's bias turns infinite at step 3 while every gradient stays finite (no step is skipped)."""
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, *, detail=False):
         if self.calls == 3:
             with torch.no_grad():
                 model.net[3].bias.fill_(float("inf"))
@@ -444,7 +444,7 @@ def test_a_finished_run_that_only_re_exports_needs_only_the_exports_space(tmp_pa
 
 def test_a_second_config_change_from_the_same_step_keeps_both_histories(tmp_path):
     kept = tmp_path / "config-history" / "until_step_0000004.toml"
-    assert engine._history_name(tmp_path, 4) == kept
+    assert setup.history_name(tmp_path, 4) == kept
     kept.parent.mkdir()
     kept.write_text("first")
-    assert engine._history_name(tmp_path, 4) == tmp_path / "config-history" / "until_step_0000004.2.toml"
+    assert setup.history_name(tmp_path, 4) == tmp_path / "config-history" / "until_step_0000004.2.toml"

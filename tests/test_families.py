@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from conftest import tiny_vit
 from reference import ref_ln, ref_smooth_l1, ref_weigh, rel_err
 
-from hdcli import norms
 from hdcli.errors import HDError
-from hdcli.method import Distiller, Target, match_prefix
+from hdcli.method import Distiller, Target, match_prefix, norms
 from hdcli.models import vit
 from hdcli.tools import analyze
 
@@ -473,13 +472,14 @@ def test_the_family_recipes_build_and_step_with_their_real_architectures(recipe)
     from hdcli import teachers
     from hdcli.config import DistillConfig
     from hdcli.config.loading import load_config
-    from hdcli.tasks.distill import build_method, build_student, build_teacher
+    from hdcli.method.hybrid import build
+    from hdcli.tasks.distill import build_student, build_teacher
 
     cfg = load_config(DistillConfig, recipe=REPO / f"recipes/distill/{recipe}.toml")
     cfg.student.drop_path = 0.0
     dc = cfg.distill
     models = {n: build_teacher("random:" + teachers.REGISTRY[n].tag, cfg, i) for i, n in enumerate(dc.teachers)}
-    method = build_method(build_student(cfg), models, dc)
+    method = build(build_student(cfg), models, dc)
     out = method(torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
     out.loss.backward()
     assert out.keep.shape == (2, 67) and torch.isfinite(out.loss)
@@ -511,12 +511,12 @@ def test_phis_keeps_its_basis_from_batch_to_batch_then_fixes_it(monkeypatch):
 def test_a_global_target_norm_leaves_relations_as_they_are():
     from hdcli.config import DistillConfig
     from hdcli.config.loading import load_config
-    from hdcli.tasks.distill import build_method
+    from hdcli.method.hybrid import build
 
     cfg = load_config(DistillConfig, overrides={
         "distill.teachers": ["a", "b"], "distill.target_norm": "standardize", "distill.masking": "none",
         "distill.targets": [{"teacher": "a", "kind": "relations", "blocks": [2]}, {"teacher": "b", "kind": "features"}]})
-    m = build_method(tiny_vit(depth=4), {"a": tiny_vit(depth=4), "b": tiny_vit(depth=4)}, cfg.distill)
+    m = build(tiny_vit(depth=4), {"a": tiny_vit(depth=4), "b": tiny_vit(depth=4)}, cfg.distill)
     assert [t.norm for t in m.targets] == ["layernorm", "standardize"]
 
 

@@ -25,7 +25,7 @@ def write_cifar100(root: Path) -> Path:
     d = root / "cifar-100-python"
     d.mkdir(parents=True)
     for name, split in (("train", "train"), ("test", "val")):
-        r = data._digits()[split]
+        r = data.digits()[split]
         rows = r.images.transpose(0, 3, 1, 2).reshape(len(r.images), 3072)  # [N, 3*32*32] R, G, B planes
         obj = {b"batch_label": name.encode(), b"fine_labels": [int(y) for y in r.labels],
                b"coarse_labels": [0] * len(rows), b"filenames": [f"{i}.png".encode() for i in range(len(rows))],
@@ -81,7 +81,7 @@ def test_fold_batchnorm_gives_the_same_outputs_as_bn_then_linear():
 
 def test_train_transform_is_a_function_of_the_sample_seed(cifar, student):
     t = ft.train_transform(cfg_for(cifar, student))
-    img = data._digits()["train"].load(7)
+    img = data.digits()["train"].load(7)
     with data.seeded(11):
         a = t(img)
     np.random.seed(123)  # RandAugment picks ops with numpy: its global state must not matter
@@ -256,7 +256,7 @@ def informative_student(out: Path) -> Path:
     from timm.models import save_for_hf
 
     model = tiny_vit(seed=3)
-    r = data._digits()["train"]
+    r = data.digits()["train"]
     x = data.normalize(torch.from_numpy(r.images).permute(0, 3, 1, 2))  # [1437, 3, 32, 32]
     with torch.no_grad():
         h = model.forward_features(x)[:, 0]  # [1437, 48] CLS after the final norm (affine 1, 0)
@@ -300,7 +300,7 @@ def test_exported_student_is_the_evaluated_model(finetuned):
     import timm
 
     model = timm.create_model(f"local-dir:{finetuned / 'student'}", pretrained=True).eval()
-    r = data._digits()["val"]
+    r = data.digits()["val"]
     x = data.normalize(torch.from_numpy(r.images).permute(0, 3, 1, 2))  # eval crop 1.0 at 32 px: the images as is
     with torch.no_grad():
         top1 = (model(x).argmax(1) == torch.from_numpy(r.labels)).float().mean().item() * 100

@@ -1,4 +1,4 @@
-"""Keep sets (hdcli.masking) against hand computations and a per-image loop reference of METHOD.md."""
+"""Keep sets (hdcli.method.masking) against hand computations and a per-image loop reference of METHOD.md."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from hdcli import masking
 from hdcli.errors import HDError
+from hdcli.method import masking
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,6 +27,14 @@ def ref_progressive(hiddens: list[torch.Tensor], r: float) -> list[list[int]]:
             kept = sorted(kept[j] for j in least)
         out.append(kept)
     return out
+
+
+def keep_set(strategy: str, hiddens: list[torch.Tensor], r: float) -> torch.Tensor:
+    """The keep set of ``strategy`` with one mask block per hidden state (the paper's progressive steps)."""
+    m = masking.Masking(strategy, r, tuple(range(len(hiddens))))
+    b, n, _ = hiddens[0].shape
+    given = [hiddens[i] for i in m.teacher_blocks(n)]  # what the teacher pass hands over
+    return masking.keep_set(m, given, batch=b, n=n)
 
 
 def test_counts_follow_the_paper_196_137_96_67():
@@ -78,7 +86,7 @@ def test_keep_sets_are_sorted_unique_and_in_range():
     torch.manual_seed(3)
     hiddens = [torch.randn(4, 196, 8) for _ in range(3)]
     for strategy in masking.STRATEGIES:
-        keep = masking.keep_set(strategy, hiddens, 0.3)
+        keep = keep_set(strategy, hiddens, 0.3)
         for row in keep.tolist():
             assert row == sorted(set(row)) and 0 <= row[0] and row[-1] < 196
 
@@ -86,21 +94,21 @@ def test_keep_sets_are_sorted_unique_and_in_range():
 def test_direct_and_random_keep_as_many_as_progressive():
     torch.manual_seed(4)
     hiddens = [torch.randn(2, 196, 8) for _ in range(3)]
-    shapes = {s: tuple(masking.keep_set(s, hiddens, 0.3).shape) for s in ("progressive", "direct", "random")}
+    shapes = {s: tuple(keep_set(s, hiddens, 0.3).shape) for s in ("progressive", "direct", "random")}
     assert set(shapes.values()) == {(2, 67)}
 
 
 def test_direct_is_one_step_at_the_last_mask_block():
     torch.manual_seed(5)
     hiddens = [torch.randn(2, 196, 8) for _ in range(3)]
-    direct = masking.keep_set("direct", hiddens, 0.3)
+    direct = keep_set("direct", hiddens, 0.3)
     one_step = masking.drop_redundant(hiddens[-1], masking.all_patches(2, 196), 67)
     assert direct.tolist() == one_step.tolist()
 
 
 def test_random_without_hidden_states_differs_per_image():
     torch.manual_seed(6)
-    keep = masking.keep_set("random", [], 0.3, batch=8, n=196, steps=3)
+    keep = masking.keep_set(masking.Masking("random", 0.3, (0, 4, 8)), [], batch=8, n=196)
     assert keep.shape == (8, 67)
     assert len({tuple(r) for r in keep.tolist()}) == 8
 
@@ -108,8 +116,8 @@ def test_random_without_hidden_states_differs_per_image():
 def test_none_and_zero_ratio_keep_everything():
     hiddens = [torch.randn(2, 20, 4) for _ in range(3)]
     for strategy in masking.STRATEGIES:
-        assert masking.keep_set(strategy, hiddens, 0.0).tolist() == [list(range(20))] * 2
-    assert masking.keep_set("none", hiddens, 0.3).tolist() == [list(range(20))] * 2
+        assert keep_set(strategy, hiddens, 0.0).tolist() == [list(range(20))] * 2
+    assert keep_set("none", hiddens, 0.3).tolist() == [list(range(20))] * 2
 
 
 def test_keep_count_does_not_depend_on_the_data():
@@ -125,7 +133,7 @@ def test_ties_keep_the_lower_index():
 
 def test_bad_strategy_and_ratio_are_user_errors():
     with pytest.raises(HDError, match="progressive"):
-        masking.keep_set("progresive", [], 0.3, batch=1, n=4, steps=1)
+        masking.Masking("progresive", 0.3)
     with pytest.raises(HDError, match="outside"):
         masking.check_drop_ratio(1.0)
 
@@ -140,3 +148,13 @@ def test_step_counts_are_exact_on_the_whole_grid():
 
 def test_the_64_patch_tiny_setting_keeps_45_32_22():
     assert [masking.keep_count(64, 0.3, s) for s in range(4)] == [64, 45, 32, 22]
+
+
+def test_nothing_is_dropped_is_decided_by_the_masking_settings_alone():
+    assert masking.Masking("none", 0.3).keep_count(196) == 196 and not masking.Masking("none", 0.3).drops(196)
+    assert masking.Masking("progressive", 0.0).teacher_blocks(196) == ()
+    assert masking.Masking("progressive", 0.3, ()).keep_count(196) == 196
+    assert masking.Masking("random", 0.3).teacher_blocks(196) == () and masking.Masking("random", 0.3).drops(196)
+    assert masking.Masking("direct", 0.3).teacher_blocks(196) == (8,)
+    assert masking.Masking("progressive", 0.3, (8, 0, 4, 4)).teacher_blocks(196) == (0, 4, 8)
+    assert masking.Masking("progressive", 0.9).drops(1) is False  # 1 patch: at least one is always kept

@@ -328,14 +328,7 @@ def test_compiles_as_one_graph_without_host_syncs(models, images):
     torch.testing.assert_close(out.loss, method(images).loss)
 
 
-def test_the_config_names_every_kind_of_the_tap_table():
-    from hdcli import config, method
+def test_only_relations_are_compared_without_a_head():
+    from hdcli.method.targets import KINDS
 
-    assert tuple(method.TAPS) == config.TARGET_KINDS
-    assert all(t.feature_like == (k != "relations") for k, t in method.TAPS.items())
-
-
-def test_the_config_names_every_target_normalisation():
-    from hdcli import config, norms
-
-    assert norms.NORMS == config.TARGET_NORMS
+    assert all(k.feature_like == (name != "relations") for name, k in KINDS.items())

@@ -328,7 +328,7 @@ class SmallTask(engine.Task):
     def train_loader(self, *, rank, world_size, seed):
         return [(torch.ones(4, 4), torch.ones(4, 1))] * 2
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, *, detail=False):
         return {"loss": ((model(batch[0]) - batch[1]) ** 2).mean()}
 
     def export(self, model, out_dir):

@@ -89,10 +89,10 @@ def test_main_rows_train_300_epochs_vitl_40_on_in21k_and_ablations_100():
 
 
 def test_vitl_recipe_uses_the_papers_blocks_for_depth_24():
-    from hdcli.method import default_blocks
+    from hdcli.method.names import paper_blocks
 
     c = recipe("hybrid-mae-clip-vitl")
-    rel, mask = default_blocks(24)
+    rel, mask = paper_blocks(24)
     assert (tuple(c.distill.relation_blocks), tuple(c.distill.mask_blocks)) == (rel, mask) == ((21, 22), (0, 8, 16))
     assert (c.distill.teachers, c.student.arch) == (["mae-l", "clip-l"], "vit_large_patch16_224")
 

@@ -35,9 +35,6 @@ from hdcli.config.schema import (
     MODES,
     RELATION_HEADS,
     SUPERVISED_DEFAULTS,
-    TARGET_KEYS,
-    TARGET_KINDS,
-    TARGET_NORMS,
     TRACKERS,
     DataConfig,
     DistillConfig,
@@ -57,7 +54,7 @@ from hdcli.config.schema import (
 
 __all__ = [
     "ERASE_MODES", "FT_DATASETS", "GLOBAL_POOLS", "LINEAR_PROBE_DEFAULTS", "MASKING", "MIXED_PRECISION",
-    "MIXUP_MODES", "MODES", "RELATION_HEADS", "SUPERVISED_DEFAULTS", "TARGET_KEYS", "TARGET_KINDS", "TARGET_NORMS", "TRACKERS", "DataConfig",
+    "MIXUP_MODES", "MODES", "RELATION_HEADS", "SUPERVISED_DEFAULTS", "TRACKERS", "DataConfig",
     "DistillConfig", "EvalConfig", "FinetuneConfig", "FinetuneSection", "MethodConfig", "OptimConfig", "PretrainConfig",
     "PretrainSection", "StudentConfig", "TrainConfig", "_choice", "apply_overrides", "coerce", "dump_config",
     "from_dict", "identity_changes", "load_config", "load_finetune", "load_pretrain", "merge", "parse_assignments", "read_toml",

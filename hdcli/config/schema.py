@@ -8,20 +8,15 @@ reads only ``cfg.train`` and ``cfg.optim``. Torch-free, so ``hd --help`` can rea
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from hdcli.config.loading import load_config
 from hdcli.errors import HDError, did_you_mean
+from hdcli.method.names import MASKING, RELATION_HEADS, paper_blocks
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-MASKING = ("progressive", "direct", "random", "none")
-RELATION_HEADS = ("match", "mean")
-TARGET_KINDS = ("features", "relations", "block", "msa")
-TARGET_KEYS = ("teacher", "kind", "blocks", "weight", "student_blocks", "name", "norm", "registers", "pooled")
-TARGET_NORMS = ("layernorm", "standardize", "phis")  # hdcli.norms.NORMS (torch-free copy; a test keeps them equal)
 TRACKERS = ("tensorboard", "wandb")
 DECODE = ("auto", "cpu", "pil", "gpu")  # the training crop's decode paths (hdcli.data.decode)
 
@@ -151,9 +146,9 @@ class MethodConfig:
 
     teachers: list[str] = field(default_factory=lambda: ["mae", "clip"])  # MIM first; names, tags, dirs, random:ARCH
     teacher_kwargs: dict = field(default_factory=dict)  # timm kwargs for random:ARCH teachers (tiny runs)
-    relation_blocks: list[int] = field(default_factory=lambda: [9, 10])  # MIM teacher blocks (paper layers 10, 11)
+    relation_blocks: list[int] = field(default_factory=lambda: list(paper_blocks().relations))  # 9, 10 (layers 10, 11)
     student_relation_blocks: list[int] | None = None  # default: relation_blocks
-    mask_blocks: list[int] = field(default_factory=lambda: [0, 4, 8])
+    mask_blocks: list[int] = field(default_factory=lambda: list(paper_blocks().mask))  # 0, 4, 8
     drop_ratio: float = 0.3  # 196 → 137 → 96 → 67 tokens (34% kept)
     masking: str = "progressive"  # progressive | direct | random | none (paper Tab. 8)
     alpha: float = 1.0  # weight of the relation loss
@@ -162,6 +157,7 @@ class MethodConfig:
     mask_teacher: str | None = None  # general form only: the teacher choosing kept tokens (default teachers[0])
     targets: list[dict] = field(default_factory=list)  # general form: [{teacher, kind, blocks, weight}, ...]
     target_norm: str = "layernorm"  # layernorm (paper) | standardize (UNIC) | phis (AM-RADIO): feature targets' default
+    # a target's keys: hdcli.method.targets.Target (teacher, kind, blocks, weight, student_blocks, name, norm, ...)
 
     def validate(self) -> None:
         if not self.teachers:
@@ -179,29 +175,14 @@ class MethodConfig:
         if not self.targets and len(self.teachers) < 2:
             raise HDError(f"the hybrid default needs two teachers or more (MIM first, then feature teachers), got "
                           f"{self.teachers}", "for other combinations list [[distill.targets]] (see docs/distill.md)")
-        _choice(self.target_norm, TARGET_NORMS, "distill.target_norm")
         if self.mask_teacher is not None and self.mask_teacher not in self.teachers:
             raise HDError(f"distill.mask_teacher {self.mask_teacher!r} is not one of distill.teachers",
                           did_you_mean(self.mask_teacher, self.teachers))
-        for i, t in enumerate(self.targets):
-            where = f"distill.targets[{i}]"
-            for k in t:
-                if k not in TARGET_KEYS:
-                    raise HDError(f"unknown key {where}.{k}", did_you_mean(k, TARGET_KEYS))
-            for k in ("teacher", "kind"):
-                if k not in t:
-                    raise HDError(f"{where} needs a {k!r}", "e.g. {teacher = \"clip\", kind = \"features\"}")
-            if t["teacher"] not in self.teachers:
-                raise HDError(f"{where}.teacher {t['teacher']!r} is not one of distill.teachers {self.teachers}",
-                              did_you_mean(str(t["teacher"]), self.teachers))
-            _choice(t["kind"], TARGET_KINDS, f"{where}.kind")
-            _choice(t.get("norm", "layernorm"), TARGET_NORMS, f"{where}.norm")
-            for flag in ("registers", "pooled"):
-                if not isinstance(t.get(flag, False), bool):
-                    raise HDError(f"{where}.{flag} must be true or false, got {t[flag]!r}")
-            w = t.get("weight", 1.0)
-            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
-                raise HDError(f"{where}.weight must be a finite number ≥ 0, got {w!r}")
+        from hdcli.method.hybrid import (
+            targets_from_config,  # the targets (kinds, norms, heads, losses): one place
+        )
+
+        targets_from_config(self)
 
 
 @dataclass

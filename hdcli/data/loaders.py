@@ -35,8 +35,9 @@ import webdataset as wds
 
 from hdcli import ui
 from hdcli.data.decode import DECODE, Encoded, EncodedBatch, EncodedCrop, TrainCrop
-from hdcli.data.shards import ShardSet, _is_shard_name, open_shards
-from hdcli.data.sources import SHARD_IMAGE_KEYS, Records, open_records, parse_source
+from hdcli.data.records import Records, open_records
+from hdcli.data.shards import ShardSet, open_shards
+from hdcli.data.source import SHARD_IMAGE_KEYS, Source, is_shard_name, parse_source
 from hdcli.data.transforms import eval_transform, open_image, train_transform
 from hdcli.errors import HDError
 from hdcli.seeding import mix_seed, seeded
@@ -129,7 +130,7 @@ class SharedCounts:
 
     def tar_fault(self, exn: BaseException) -> bool:
         """webdataset handler for shard-level errors (truncated tar, unreadable file): record, stop."""
-        url = next((a for a in reversed(exn.args) if isinstance(a, str) and _is_shard_name(a)), None)
+        url = next((a for a in reversed(exn.args) if isinstance(a, str) and is_shard_name(a)), None)
         msg = f"cannot read shard {url}: {exn.args[0] if exn.args else exn}" if url else f"cannot read shards: {exn}"
         self.fault.value = msg.encode()[:1023]
         return False
@@ -492,19 +493,20 @@ def augment(img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: fl
 
 
 def augmented_loader(d, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
-                     cuda: bool = False) -> Loader:
-    """The training loader of a ``[data]`` config section (``hdcli.config.DataConfig``): its source, size,
-    workers and limits, with METHOD.md's augmentation by ``data.decode`` (``cuda``: the batches go to a CUDA
-    device, where ``auto`` decodes JPEGs). Shared by distill and MAE pretraining."""
-    path = decode_path(getattr(d, "decode", "auto"), cuda, d.source)
+                     cuda: bool = False, source: Source | None = None) -> Loader:
+    """The training loader of a ``[data]`` config section (``hdcli.config.DataConfig``): its source (``source``:
+    the run's parsed one), size, workers and limits, with METHOD.md's augmentation by ``data.decode`` (``cuda``:
+    the batches go to a CUDA device, where ``auto`` decodes JPEGs). Shared by distill and MAE pretraining."""
+    source = parse_source(d.source if source is None else source)
+    path = decode_path(getattr(d, "decode", "auto"), cuda, source)
     return build_loader(
-        d.source, split="train", img_size=d.img_size, batch_size=batch_size, train=True,
+        source, split="train", img_size=d.img_size, batch_size=batch_size, train=True,
         num_workers=d.num_workers, rank=rank, world_size=world_size, seed=seed,
         transform=augment(d.img_size, scale=tuple(d.scale), hflip=d.hflip, decode=path),
         epoch_steps=d.epoch_steps, max_bad_fraction=d.max_bad_fraction, pin_memory=cuda)
 
 
-def build_loader(source: str | os.PathLike | None = None, *, split: str = "train", img_size: int,
+def build_loader(source: str | os.PathLike | Source | None = None, *, split: str = "train", img_size: int,
                  batch_size: int, train: bool = True, num_workers: int | None = None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, transform: Callable | None = None,
                  epoch_steps: int | None = None, max_bad_fraction: float = 0.001,

@@ -10,17 +10,18 @@ from functools import lru_cache
 from pathlib import Path
 
 from hdcli import ui
-from hdcli.data.sources import KNOWN_SPLITS, SOURCE_HINT, SPLIT_DIRS, Source, _split_alias
+from hdcli.data.source import (
+    KNOWN_SPLITS,
+    SOURCE_HINT,
+    SPLIT_DIRS,
+    Source,
+    check_tar,
+    expand_pattern,
+    is_shard_name,
+    split_alias,
+    split_prefixed,
+)
 from hdcli.errors import HDError
-
-
-def _is_pattern(s: str) -> bool:
-    return any(c in s for c in "{*?[") or s.endswith((".tar", ".tar.gz", ".tgz"))
-
-
-def _is_shard_name(name: str) -> bool:
-    return name.endswith((".tar", ".tar.gz", ".tgz"))
-
 
 # -- WebDataset shards ----------------------------------------------------------------------------------
 
@@ -51,29 +52,13 @@ def read_info(directory: str | os.PathLike) -> dict:
     return {}
 
 
-def _info_split(info: dict, split: str) -> dict | None:
+def info_split(info: dict, split: str) -> dict | None:
+    """The entry of ``split`` in an ``_info.json`` (its aliases too), or None."""
     splits = info.get("splits", {})
     for name in SPLIT_DIRS.get(split, (split,)):
         if name in splits:
             return splits[name]
     return None
-
-
-def check_tar(path: str) -> None:
-    """Cheap structural check of an uncompressed tar: whole 512-byte blocks ending in the zero blocks
-    that mark the end of an archive. One stat and one 1 KiB read: fine for thousands of shards."""
-    size = os.path.getsize(path)
-    hint = "the shard is truncated (an interrupted copy or write?); copy or write it again"
-    if size == 0:
-        raise HDError(f"shard is empty: {path}", hint)
-    if not path.endswith(".tar"):
-        return
-    if size % 512 or size < 1024:
-        raise HDError(f"truncated shard: {path} ({size} bytes, not whole 512-byte tar blocks)", hint)
-    with open(path, "rb") as f:
-        f.seek(-1024, os.SEEK_END)
-        if f.read(1024).strip(b"\0"):
-            raise HDError(f"truncated shard: {path} (no end-of-archive marker)", hint)
 
 
 def count_samples(path: str) -> int:
@@ -99,34 +84,15 @@ def _count_samples(path: str, size: int, mtime: int) -> int:
     return len(keys)
 
 
-def expand_pattern(pattern: str) -> list[str]:
-    """Brace (``{000000..000009}``) and glob expansion; every name must exist."""
-    import glob
-
-    import braceexpand
-
-    urls: list[str] = []
-    for part in braceexpand.braceexpand(os.path.expanduser(pattern)):
-        urls.extend(sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])
-    present = [u for u in urls if os.path.isfile(u)]
-    if not present:
-        raise HDError(f"no shards match {pattern}", "check the directory and the {first..last} range")
-    if len(present) < len(urls):
-        missing = [u for u in urls if not os.path.isfile(u)]
-        raise HDError(f"{len(missing)} of the {len(urls)} shards in {pattern} are missing, e.g. {missing[0]}",
-                      "fix the {first..last} range or copy the missing shards")
-    return urls
-
-
 def open_shards(source: Source, split: str) -> ShardSet:
     """The shards of ``split`` with counts; checks every file before any worker starts."""
-    split = _split_alias(split)
+    split = split_alias(split)
     if source.kind != "shards":
         raise HDError(f"{source.spec} is not a WebDataset source")
     p = Path(source.path)
     if p.is_dir():
         info = read_info(p)
-        entry = _info_split(info, split)
+        entry = info_split(info, split)
         if entry is not None:
             urls = [str(p / f) for f in entry["filenames"]]
             missing = [u for u in urls if not os.path.isfile(u)]
@@ -134,10 +100,10 @@ def open_shards(source: Source, split: str) -> ShardSet:
                 raise HDError(f"shard listed in {p / '_info.json'} is missing: {missing[0]}",
                               "copy it, or write the shards again with `hd data shards`")
         else:
-            tars = sorted(str(f) for f in p.iterdir() if _is_shard_name(f.name))
+            tars = sorted(str(f) for f in p.iterdir() if is_shard_name(f.name))
             if not tars:
                 raise HDError(f"no shards (*.tar) found in {p}", SOURCE_HINT)
-            named = {s: [t for t in tars if os.path.basename(t).startswith((f"{s}-", f"{s}_"))]
+            named = {s: [t for t in tars if split_prefixed(os.path.basename(t), (s,))]
                      for s in KNOWN_SPLITS}
             urls = next((named[s] for s in SPLIT_DIRS.get(split, (split,)) if named.get(s)), [])
             if not urls:

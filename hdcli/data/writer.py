@@ -11,8 +11,8 @@ import webdataset as wds
 from PIL import Image
 
 from hdcli import ui
-from hdcli.data.shards import _is_shard_name
-from hdcli.data.sources import SPLIT_DIRS, Source, _split_alias, open_records, parse_source
+from hdcli.data.records import open_records
+from hdcli.data.source import SPLIT_DIRS, Source, is_shard_name, parse_source, split_alias
 from hdcli.errors import HDError, did_you_mean
 from hdcli.rundir import write_json
 
@@ -54,10 +54,10 @@ def write_shards(source: str | os.PathLike | None, out: str | os.PathLike, *, ma
     src = parse_source(source)
     if src.kind == "shards":
         raise HDError(f"{src.spec} is already WebDataset shards", "give an image folder, demo, fashion-mnist or cifar100:DIR")
-    splits = [_split_alias(s) for s in (splits or _writable_splits(src))]
+    splits = [split_alias(s) for s in (splits or _writable_splits(src))]
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    old = [f for f in out.iterdir() if f.name == "_info.json" or (_is_shard_name(f.name) and f.name.startswith(
+    old = [f for f in out.iterdir() if f.name == "_info.json" or (is_shard_name(f.name) and f.name.startswith(
         tuple(f"{s}-" for s in splits)))]
     if old and not force:
         raise HDError(f"{out} already holds shards ({old[0].name}, ...)", "use --force to replace them, or another OUT")

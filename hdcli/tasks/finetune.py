@@ -67,7 +67,7 @@ def eval_source(cfg: FinetuneConfig) -> tuple[str, str]:
     if fc.eval_data:
         return data_source(fc.dataset, fc.eval_data), fc.eval_split
     src = data.parse_source(data_source(fc.dataset, cfg.data.source))
-    if src.kind == "shards" and data._is_pattern(src.spec):
+    if src.kind == "shards" and data.is_pattern(src.spec):
         raise HDError(f"{src.spec} names the training shards only: the evaluation shards are unknown",
                       "give them with --eval-data (e.g. DIR/val-{000000..000009}.tar), or pass the shard directory")
     if src.kind == "folder" and not any((Path(src.path) / d).is_dir() for d in data.KNOWN_SPLITS):
@@ -342,7 +342,7 @@ class FinetuneTask(Task):
         return param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=ld,
                                         no_weight_decay_list=model.no_weight_decay())
 
-    def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    def loss(self, model: nn.Module, batch, *, detail: bool = False) -> dict[str, torch.Tensor]:
         return {"loss": self.step(model, *batch)}
 
     def evaluate(self, model: nn.Module, accelerator, epoch: int, step: int | None = None) -> dict[str, float]:

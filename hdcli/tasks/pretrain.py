@@ -28,6 +28,7 @@ from torch import nn
 from hdcli import config, data, ui
 from hdcli.config import PretrainConfig
 from hdcli.errors import HDError
+from hdcli.method import masking
 from hdcli.tasks import classify
 from hdcli.train.task import Task
 
@@ -64,12 +65,12 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def random_keep(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAE's random_masking on given uniform noise: keep the ``N·(1−ratio)`` patches of smallest noise.
+    """MAE's random_masking on given uniform noise: keep the ``int(N·(1−ratio))`` patches of smallest noise (MAE
+    truncates; the distillation's keep counts round, METHOD.md) with :func:`hdcli.method.masking.random_keep`.
 
     noise [B, N] -> keep [B, n] (patch indices, ascending), mask [B, N] (1 = hidden, 0 = visible)."""
     b, n = noise.shape
-    n_keep = max(1, int(n * (1 - mask_ratio)))
-    keep = noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values  # [B, n]
+    keep = masking.random_keep(noise, max(1, int(n * (1 - mask_ratio))))  # [B, n]
     mask = torch.ones(b, n, device=noise.device)
     mask.scatter_(1, keep, 0.0)  # [B, N]
     return keep, mask
@@ -180,7 +181,7 @@ class MAETask(Task):
                                      world_size=world_size, seed=seed,
                                      cuda=torch.cuda.is_available() and not self.cfg.train.cpu)
 
-    def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    def loss(self, model: nn.Module, batch, *, detail: bool = False) -> dict[str, torch.Tensor]:
         loss, _, _ = model(data.normalize(batch[0]))
         return {"loss": loss}
 
@@ -218,7 +219,7 @@ class SupervisedTask(Task):
             num_workers=d.num_workers, rank=rank, world_size=world_size, seed=seed, transform=self.transform,
             epoch_steps=d.epoch_steps, max_bad_fraction=d.max_bad_fraction)
 
-    def loss(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    def loss(self, model: nn.Module, batch, *, detail: bool = False) -> dict[str, torch.Tensor]:
         return {"loss": self.step(model, *batch)}
 
     def export(self, model: nn.Module, out_dir: Path) -> None:

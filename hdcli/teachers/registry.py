@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hdcli.errors import HDError, closest, did_you_mean
+from hdcli.rundir import STUDENT
 
 if TYPE_CHECKING:
     pass
@@ -120,6 +121,41 @@ def resolve(name: str | TeacherSpec) -> TeacherSpec:
                           "a run's student/ directory or timm's save_for_hf output has one")
         return TeacherSpec(raw, LOCAL_DIR + str(path.resolve()), None)
     return TeacherSpec(raw, _check_timm_tag(raw), None)
+
+
+RANDOM = "random:"  # random:ARCH: a randomly initialised, frozen teacher (smoke runs and tests only)
+
+
+def label(name: str) -> str:
+    """How a teacher appears in target and metric names (``part/<label>/<kind>``, ``knn/<label>_cls``): the same
+    label for the same teacher however it is spelled. A registry name, or the registry name whose tag a timm tag
+    or a ``random:ARCH`` names (``random:vit_base_patch16_224.mae`` -> ``mae``); a directory's name (its run's
+    name for a run's ``student/``); otherwise the tag or architecture. Only letters, digits, ``_`` and ``-``."""
+    raw = str(name).strip()
+    if raw.startswith(RANDOM):
+        raw = raw[len(RANDOM):]
+    if raw.lower() in REGISTRY:
+        return raw.lower()
+    by_tag = {spec.tag: short for short, spec in REGISTRY.items()}
+    if raw in by_tag:
+        return by_tag[raw]
+    if raw.startswith(LOCAL_DIR) or "/" in raw or os.sep in raw:
+        path = Path(raw.removeprefix(LOCAL_DIR)).expanduser()
+        raw = path.parent.name if path.name == STUDENT and path.parent.name else path.name
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", raw.removeprefix(HF_HUB)).strip("_") or "teacher"
+
+
+def labels(teachers: list[str]) -> list[str]:
+    """:func:`label` of each teacher (the same for a repeated name); a label that a second, different teacher
+    would share gets ``-2`` (then ``-3``, ...) in order of first appearance."""
+    given: dict[str, str] = {}
+    for t in teachers:
+        if t not in given:
+            base, k = label(t), 1
+            while (base if k == 1 else f"{base}-{k}") in given.values():
+                k += 1
+            given[t] = base if k == 1 else f"{base}-{k}"
+    return [given[t] for t in teachers]
 
 
 def _unknown(tag: str, near: list[str]) -> HDError:

@@ -123,7 +123,8 @@ def teacher_arch(name: str) -> str:
 def _check(b: DistillBench, device: torch.device) -> None:
     import timm
 
-    from hdcli.masking import check_drop_ratio, check_strategy
+    from hdcli.method.masking import check_drop_ratio, check_strategy
+    from hdcli.method.names import RELATION_HEADS
 
     if not timm.is_model(b.student):
         raise HDError(f"unknown student architecture {b.student!r}",
@@ -141,8 +142,9 @@ def _check(b: DistillBench, device: torch.device) -> None:
         raise HDError(f"unknown dtype {b.dtype!r}", did_you_mean(str(b.dtype), DTYPES))
     if b.dtype == "fp16" and device.type != "cuda":
         raise HDError("fp16 needs a CUDA GPU", "use --dtype bf16 or fp32 on the CPU")
-    if b.relation_heads not in ("auto", "match", "mean"):
-        raise HDError(f"unknown --relation-heads {b.relation_heads!r}", did_you_mean(b.relation_heads, ("auto", "match", "mean")))
+    heads = ("auto", *RELATION_HEADS)
+    if b.relation_heads not in heads:
+        raise HDError(f"unknown --relation-heads {b.relation_heads!r}", did_you_mean(b.relation_heads, heads))
     if b.compare_drop_ratio is not None:
         check_drop_ratio(b.compare_drop_ratio)
     if sum((b.compare_drop_ratio is not None, b.signals, b.data is not None)) > 1:
@@ -158,15 +160,15 @@ def _check(b: DistillBench, device: torch.device) -> None:
 def _config(b: DistillBench, mim_arch: str, feat_arch: str):
     """The DistillConfig of the benchmarked run: the paper's defaults, random-weight teachers, tiny overrides."""
     from hdcli.config import DistillConfig, validate
-    from hdcli.method import default_blocks
+    from hdcli.method.names import paper_blocks
     from hdcli.tools import flops
 
     over = b.overrides()
     tkw = {**over, **({"patch_size": b.patch_size} if b.patch_size else {})}
     mim = flops.arch_dims(mim_arch, img_size=b.img_size, **tkw)
     student = flops.arch_dims(b.student, img_size=b.img_size, **tkw)
-    rel_t, mask_t = default_blocks(mim.depth)
-    rel_s, _ = default_blocks(student.depth)
+    rel_t, mask_t = paper_blocks(mim.depth)
+    rel_s, _ = paper_blocks(student.depth)
     heads = b.relation_heads
     if heads == "auto":
         heads = "match" if mim.heads == student.heads else "mean"
@@ -272,8 +274,8 @@ class _Alternate(torch.nn.Module):
     def teachers(self):
         return self.a.teachers
 
-    def forward(self, images):
-        return (self.b if self.which else self.a)(images)
+    def forward(self, images, detail: bool = False):
+        return (self.b if self.which else self.a)(images, detail=detail)
 
 
 def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sync_at: set[int],
@@ -288,7 +290,8 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
     ``debug_from``: from that step on, CUDA host syncs raise warnings (``torch.cuda.set_sync_debug_mode``)."""
     import copy
 
-    from hdcli.tasks.distill import DistillTask, build_method
+    from hdcli.method import hybrid
+    from hdcli.tasks.distill import DistillTask
 
     class BenchTask(DistillTask):
         def __init__(self, cfg):
@@ -297,7 +300,7 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
             if compare_drop_ratio is not None:
                 dc = copy.deepcopy(cfg.distill)
                 dc.drop_ratio = compare_drop_ratio
-                other = build_method(self.method.student, self.teacher_models, dc)
+                other = hybrid.build(self.method.student, self.teacher_models, dc)
                 self.model = _Alternate(self.method, other)
 
         def train_loader(self, *, rank: int, world_size: int, seed: int):
@@ -305,7 +308,7 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
                 return _Mixed(super().train_loader(rank=rank, world_size=world_size, seed=seed), batch, cfg.train.steps)
             return _Batches(batch, cfg.train.steps)
 
-        def loss(self, model, b):
+        def loss(self, model, b, *, detail=False):
             i = len(clock.ends)
             device = b[0].device
             if debug_from is not None and i == stop_at:
@@ -323,9 +326,9 @@ def _bench_task(cfg, batch, clock: _Clock, *, stop_at: int, sync_every: bool, sy
             if which is not None:
                 self.model.which = which(i)
             if signals:
-                self.detail = i % 2 == 1
+                detail = i % 2 == 1
             clock.starts.append(time.perf_counter())
-            return super().loss(model, b)
+            return super().loss(model, b, detail=detail)
 
         def export(self, model, out_dir) -> None:  # never reached: the run stops first
             pass

@@ -27,6 +27,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from hdcli.method.names import paper_blocks
+
 # SmoothL1 forward (difference, abs, compare, square/scale, select, mean) and backward (~4): about 10 per element.
 LOSS_FLOPS_PER_ELEMENT = 10
 
@@ -167,9 +169,9 @@ def hybrid_step(
     *,
     n_patches: int,
     n_keep: int,
-    relation_blocks: Sequence[int] = (9, 10),
+    relation_blocks: Sequence[int] = paper_blocks().relations,
     student_relation_blocks: Sequence[int] | None = None,
-    mask_blocks: Sequence[int] = (0, 4, 8),
+    mask_blocks: Sequence[int] = paper_blocks().mask,
     relation_heads: str = "match",
     recompute: bool = False,
 ) -> StepFlops:
@@ -201,20 +203,22 @@ def hybrid_step(
 
 
 def of_method(method, *, recompute: bool = False) -> StepFlops:
-    """The FLOP model of a built ``hdcli.method.HybridDistill`` (its teachers, student, blocks and keep count)."""
+    """The FLOP model of a built hybrid ``hdcli.method.Distiller``: one relations target (whose teacher also
+    chooses the keep set) and one features target."""
     from hdcli.errors import HDError
 
-    kinds = sorted((t.teacher, t.kind) for t in method.targets)
-    if kinds != [("feature", "features"), ("mim", "relations")]:
+    kinds = sorted(t.kind for t in method.targets)
+    if kinds != ["features", "relations"]:
         raise HDError("the FLOP model covers the hybrid step (features of one teacher + relations of the MIM "
-                      f"teacher); this method has targets {kinds}", "benchmark a HybridDistill")
+                      f"teacher); this method has targets {[t.name for t in method.targets]}",
+                      "benchmark a HybridDistill")
     rel = next(t for t in method.targets if t.kind == "relations")
+    feat = next(t for t in method.targets if t.kind == "features")
     teachers = method.teachers
-    needs_mask = method.masking in ("progressive", "direct") and method.n_keep < method.num_patches
-    mask_blocks = (method.mask_blocks if method.masking == "progressive" else method.mask_blocks[-1:]) if needs_mask else ()
-    return hybrid_step(dims_of(teachers["mim"]), dims_of(teachers["feature"]), dims_of(method.student),
+    return hybrid_step(dims_of(teachers[rel.teacher]), dims_of(teachers[feat.teacher]), dims_of(method.student),
                        n_patches=method.num_patches, n_keep=method.n_keep, relation_blocks=rel.blocks,
-                       student_relation_blocks=rel.s_blocks, mask_blocks=mask_blocks,
+                       student_relation_blocks=rel.s_blocks,
+                       mask_blocks=method.masking.teacher_blocks(method.num_patches),
                        relation_heads=method.relation_heads, recompute=recompute)
 
 
@@ -257,21 +261,9 @@ def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
 
 def config_keep(cfg, n_patches: int) -> int:
     """Patches the student keeps (METHOD.md: the count depends only on N and the settings)."""
-    from hdcli.masking import keep_count
+    from hdcli.method.hybrid import masking_of
 
-    dc = cfg.distill
-    if dc.masking == "none" or not dc.mask_blocks:
-        return n_patches
-    return keep_count(n_patches, dc.drop_ratio, len(set(dc.mask_blocks)))
-
-
-def config_targets(dc) -> list[dict]:
-    """The targets a ``[distill]`` section trains (the hybrid default written out)."""
-    if dc.targets:
-        return [dict(t) for t in dc.targets]
-    return [*({"teacher": f, "kind": "features"} for f in dc.teachers[1:]),
-            {"teacher": dc.teachers[0], "kind": "relations", "blocks": list(dc.relation_blocks),
-             "student_blocks": dc.student_relation_blocks}]
+    return masking_of(cfg.distill).keep_count(n_patches)
 
 
 def distill_step(cfg, dims: Callable[[str], ViTDims], student: ViTDims) -> int:
@@ -280,41 +272,41 @@ def distill_step(cfg, dims: Callable[[str], ViTDims], student: ViTDims) -> int:
     student on CLS + kept patches; backward = 2x forward, patch embedding 1x). Elementwise losses are left
     out. ``dims(name)``: the ViTDims of a teacher as named in ``cfg.distill.teachers``; ``student``: the
     student's."""
+    from hdcli.method.hybrid import masking_of, targets_from_config
+    from hdcli.teachers.registry import labels
+
     dc = cfg.distill
     s = student
     grid = cfg.data.img_size // patch_of(s)
     n = grid * grid
-    kept = config_keep(cfg, n)
-    tok = s.prefix + kept
-    tgts = config_targets(dc)
-    needs_mask = dc.masking in ("progressive", "direct") and kept < n
-    mask_teacher = (dc.mask_teacher or dc.teachers[0]) if needs_mask else None
-    mask_blocks = sorted(set(dc.mask_blocks)) if dc.masking == "progressive" else sorted(set(dc.mask_blocks))[-1:]
+    masking = masking_of(dc)
+    tok = s.prefix + masking.keep_count(n)
+    targets, mask_teacher = targets_from_config(dc)
+    name_of = dict(zip(labels(list(dc.teachers)), dc.teachers, strict=True))  # a target's teacher label -> name
     total = 0
-    for name in dict.fromkeys(dc.teachers):
+    for label, name in name_of.items():
         d = dims(name)
         run_blocks, taps = 0, 0
-        for t in (t for t in tgts if t["teacher"] == name):
-            blocks = list(t.get("blocks") or [])
-            if t["kind"] == "features":
+        for t in (t for t in targets if t.teacher == label):
+            if t.kind == "features":
                 run_blocks = d.depth
-            elif t["kind"] == "relations":
-                run_blocks = max(run_blocks, *blocks)  # entering block b needs blocks 0..b-1
-                taps += len(blocks)
+            elif t.kind == "relations":
+                run_blocks = max(run_blocks, *t.blocks)  # entering block b needs blocks 0..b-1
+                taps += len(t.blocks)
             else:  # block / msa: the output of block b
-                run_blocks = max(run_blocks, *(b + 1 for b in blocks))
-        if name == mask_teacher:
-            run_blocks = max(run_blocks, *mask_blocks)
+                run_blocks = max(run_blocks, *(b + 1 for b in t.blocks))
+        if label == mask_teacher:
+            run_blocks = max(run_blocks, *masking.teacher_blocks(n), 0)
         total += encoder(d, n, d.prefix + n, run_blocks) + taps * relations(d, tok)
     fwd = encoder(s, n, tok, s.depth)
-    for t in tgts:
-        td = dims(t["teacher"])
-        if t["kind"] == "features":
+    for t in targets:
+        td = dims(name_of[t.teacher])
+        if t.kind == "features":
             fwd += linear(tok, s.dim, td.dim)
-        elif t["kind"] == "relations":
-            fwd += len(t.get("student_blocks") or t.get("blocks") or []) * relations(s, tok)
+        elif t.kind == "relations":
+            fwd += len(t.s_blocks) * relations(s, tok)
         else:
-            fwd += len(t.get("blocks") or []) * linear(tok, s.dim, td.dim)
+            fwd += len(t.blocks) * linear(tok, s.dim, td.dim)
     pe = patch_embed(s, n)
     return total + fwd + 2 * (fwd - pe) + pe
 

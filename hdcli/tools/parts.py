@@ -1,8 +1,8 @@
 """Each part of a distillation step timed alone, on the benchmarked method's own modules (``hd bench distill``).
 
 - ``mim_teacher``: the MIM teacher pass (blocks up to the last one entered, keep set, q·kᵀ on kept tokens)
-  = ``Distiller.teacher_pass`` of a view holding only the relations target;
-- ``feat_teacher``: the feature teacher pass (all blocks, gather, per-token LayerNorm) = the same for a view
+  = a ``TeacherPass`` holding only the relations target;
+- ``feat_teacher``: the feature teacher pass (all blocks, gather, per-token LayerNorm) = a ``TeacherPass``
   holding only the features target (its keep set is a random one of the same size);
 - ``student``: the method's ``student_pass`` on a cached ``teacher_pass`` result, + backward;
 - ``optimizer``: gradient clipping + AdamW (fused where available) + zero_grad, as the engine does.
@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 
@@ -22,20 +21,21 @@ PARTS = ("mim_teacher", "feat_teacher", "student", "optimizer")
 
 
 def _views(method):
-    """Single-teacher Distillers over the hybrid's own modules: their ``teacher_pass`` is one teacher's part
-    (the relations target's teacher, which also chooses the kept tokens; the features target's teacher)."""
-    from hdcli.method import Distiller, Target
+    """One teacher pass per teacher over the hybrid's own teacher modules: the relations target's teacher (which
+    also chooses the kept tokens) and the features target's teacher (on a random keep set of the same size)."""
+    from hdcli.method.masking import Masking
+    from hdcli.method.teacher import TeacherPass
+    from hdcli.models import vit
 
     rel = _relations(method)
     feat = next(t for t in method.targets if t.kind == "features")
-    common = dict(mask_blocks=method.mask_blocks, drop_ratio=method.drop_ratio, beta=method.beta,
+    m = method.masking
+    common = dict(grid=method.grid, student_roles=vit.prefix_roles(method.student),
                   relation_heads=method.relation_heads)
-    mim = Distiller(method.student, {rel.teacher: method.teachers[rel.teacher]},
-                    [Target(rel.teacher, "relations", rel.blocks, student_blocks=rel.s_blocks)],
-                    mask_teacher=rel.teacher, masking=method.masking, **common)
-    feat_masking = "none" if method.n_keep == method.num_patches else "random"
-    feat = Distiller(method.student, {feat.teacher: method.teachers[feat.teacher]}, [dataclasses.replace(feat)],
-                     masking=feat_masking, **common)
+    mim = TeacherPass({rel.teacher: method.teachers[rel.teacher]}, [rel], masking=m, mask_teacher=rel.teacher,
+                      **common)
+    feat_masking = Masking("random" if m.drops(method.num_patches) else "none", m.drop_ratio, m.blocks)
+    feat = TeacherPass({feat.teacher: method.teachers[feat.teacher]}, [feat], masking=feat_masking, **common)
     return mim, feat
 
 
@@ -76,7 +76,7 @@ class Parts:
         if reference:
             name = _relations(method).teacher
             teacher = method.teachers[name]
-            x = mim_view.teacher_input(name, self.images)
+            x = mim_view.teachers[name].prepare(self.images)
             last = self._last_block(method, mim_view)
 
             def plain():
@@ -95,12 +95,12 @@ class Parts:
 
     @staticmethod
     def _last_block(method, mim_view) -> int:
-        enter = set(_relations(method).blocks) | set(mim_view.mask_teacher_blocks)
+        enter = set(_relations(method).blocks) | set(mim_view.mask_blocks)
         return max(enter) - 1  # blocks 0..max(enter)-1 run
 
     def _teacher(self, view) -> None:
         with self.amp:
-            view.teacher_pass(self.images)
+            view(self.images)
 
     def _student(self) -> None:
         with self.amp:

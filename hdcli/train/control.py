@@ -38,13 +38,15 @@ class Signals:
 
 class Guard:
     """The step's control values (non-finite streak, stop request), agreed by all ranks and read one step
-    late so the host never waits for the device."""
+    late so the host never waits for the device. More than ``nan_tolerance`` non-finite steps in a row stop the
+    run with an error naming the last good checkpoint in ``run_dir``."""
 
-    def __init__(self, r):
-        self.r = r
-        self.streak = torch.zeros((), device=r.device)
-        self.skipped = torch.zeros((), device=r.device)
-        self.no_signal = torch.zeros((), device=r.device)  # made once: a host->device copy per step would sync
+    def __init__(self, device: torch.device, world: int, n_steps: int, nan_tolerance: int, run_dir):
+        self.device, self.world, self.n_steps = device, world, n_steps
+        self.nan_tolerance, self.run_dir = nan_tolerance, run_dir
+        self.streak = torch.zeros((), device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.no_signal = torch.zeros((), device=device)  # made once: a host->device copy per step would sync
         self.pending: torch.Tensor | None = None
 
     def after_step(self, bad: torch.Tensor, received: int | None, done: int) -> int | None:
@@ -53,24 +55,23 @@ class Guard:
         badf = bad.float()
         self.streak = (self.streak + 1) * badf
         self.skipped = self.skipped + badf
-        sig = self.no_signal if not received else torch.full((), float(received), device=self.r.device)
+        sig = self.no_signal if not received else torch.full((), float(received), device=self.device)
         ctrl = torch.stack([self.streak, sig])
-        if self.r.world > 1:
+        if self.world > 1:
             torch.distributed.all_reduce(ctrl, op=torch.distributed.ReduceOp.MAX)
-        stopped = check(self.pending, self.r, done - 1) if self.pending is not None else None
+        stopped = self.check(self.pending, done - 1) if self.pending is not None else None
         self.pending = ctrl
-        if done == self.r.n_steps:  # the last step: nothing comes after it to carry the check
-            check(self.pending, self.r, done)
+        if done == self.n_steps:  # the last step: nothing comes after it to carry the check
+            self.check(self.pending, done)
             stopped = None  # a stop request at the very end: just finish (export included)
         return stopped
 
-
-def check(ctrl: torch.Tensor, r, step: int) -> int | None:
-    """Read a step's control values (one host sync): HDError on too many non-finite steps; the signal, if any."""
-    streak, sig = ctrl.tolist()
-    if streak > r.cfg.train.nan_tolerance:
-        good = ck.list_checkpoints(r.run_dir)
-        raise HDError(f"the loss was not finite for {int(streak)} consecutive steps (up to step {step}); "
-                      f"the run stopped" + (f", last good checkpoint {good[-1]}" if good else ""),
-                      "lower the learning rate, use bf16 rather than fp16, check the data, or raise --nan-tolerance")
-    return int(sig) or None
+    def check(self, ctrl: torch.Tensor, step: int) -> int | None:
+        """Read a step's control values (one host sync): HDError on too many non-finite steps; the signal, if any."""
+        streak, sig = ctrl.tolist()
+        if streak > self.nan_tolerance:
+            good = ck.list_checkpoints(self.run_dir)
+            raise HDError(f"the loss was not finite for {int(streak)} consecutive steps (up to step {step}); "
+                          f"the run stopped" + (f", last good checkpoint {good[-1]}" if good else ""),
+                          "lower the learning rate, use bf16 rather than fp16, check the data, or raise --nan-tolerance")
+        return int(sig) or None

@@ -19,16 +19,17 @@ class Task:
     - ``model``: one ``nn.Module`` holding every trainable parameter (student + heads). The engine
       moves it to the device, wraps it (DDP, autocast, compile) and hands the wrapped module back to
       ``loss``; call that one so DDP syncs gradients.
-    - ``frozen``: modules that are used but never trained (teachers). Each goes through
-      ``accelerator.prepare_model(m, evaluation_mode=True)``: device, autocast, no DDP, eval mode.
-      Their tensors are never written to checkpoints, also if they are submodules of ``model``.
+    - ``frozen``: submodules of ``model`` that are used but never trained (a linear probe's backbone): DDP
+      neither broadcasts nor reduces them, checkpoints never hold them, and they stay in eval mode. (Modules
+      kept outside ``model``'s tree, as the distiller keeps its teachers, need nothing from the engine.)
     - ``train_loader(rank=, world_size=, seed=)``: an iterable of batches for this rank with
       ``len()`` = batches per epoch (the same on every rank). Batches stay on the host (uint8 images);
       the engine moves tensors to the device. If the loader has ``set_epoch(epoch)`` it is called
       before each epoch, and ``close()`` when the run ends (worker processes); data order and
       augmentation must depend only on (seed, epoch, rank).
-    - ``loss(model, batch)``: a dict of scalar tensors with key ``"loss"`` (what is minimised); every
-      entry is averaged and logged.
+    - ``loss(model, batch, detail=False)``: a dict of scalar tensors with key ``"loss"`` (what is minimised);
+      every entry is averaged and logged. ``detail`` is True on the steps whose record is written, when the
+      task may add costlier entries (per-target signals).
     - ``export(model, out_dir)``: write the result (unwrapped ``model``) into the empty ``out_dir``;
       the engine renames it to ``<run>/<export_dir>`` afterwards (atomic).
     - optional ``param_groups(model, weight_decay)`` (e.g. timm's layer decay; groups may carry
@@ -37,8 +38,6 @@ class Task:
       numbers join that step's record); ``begin(model, accelerator, start) -> dict | None`` (before the
       first step of a segment: numbers recorded at step ``start``, e.g. an initial evaluation); attributes
       ``log_keys``, ``export_dir`` (default ``student``) and ``find_unused_parameters`` (DDP).
-    - ``detail`` is set by the engine before each step: True on the steps whose record is written, when
-      ``loss`` may add costlier entries (per-target signals) to its dict.
     """
 
     model: nn.Module
@@ -46,12 +45,11 @@ class Task:
     log_keys: Sequence[str] = ("loss",)  # loss-dict entries shown in the progress bar and log lines
     export_dir: str = STUDENT
     find_unused_parameters: bool = False  # DDP: set when some trainable parameters get no gradient
-    detail: bool = False  # set by the engine: this step's record is written
 
     def train_loader(self, *, rank: int, world_size: int, seed: int) -> Iterable:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+    def loss(self, model: nn.Module, batch: Any, *, detail: bool = False) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def export(self, model: nn.Module, out_dir: Path) -> None:

@@ -3,21 +3,22 @@
 Tensors in, index tensors out. Patch indices are 0-based and exclude CLS (CLS is never dropped);
 every keep set is sorted ascending. Keep counts depend only on the number of patches and the
 settings, never on the data, so shapes stay static (``torch.compile`` compiles once, no host syncs).
+:class:`Masking` holds the settings and is the one place that decides whether anything is dropped.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 
-from hdcli.config import MASKING
 from hdcli.errors import HDError, did_you_mean
-
-STRATEGIES = MASKING  # the names are the config's (hdcli.config.MASKING)
+from hdcli.method.names import MASKING as STRATEGIES
+from hdcli.method.names import paper_blocks
 
 
 def check_strategy(masking: str) -> str:
@@ -101,46 +102,69 @@ def direct_keep(h: torch.Tensor, n_keep: int) -> torch.Tensor:
     return drop_redundant(h, all_patches(b, n, h.device), n_keep)
 
 
-def random_keep(batch: int, n: int, n_keep: int, device=None, generator=None) -> torch.Tensor:
-    """A uniformly random subset of ``n_keep`` patches per image (Tab. 8 "Random"). -> [B, n_keep] ascending."""
-    noise = torch.rand(batch, n, device=device, generator=generator)  # [B, N]
+def random_keep(noise: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The ``n_keep`` patches of smallest ``noise`` per image, ascending: a uniformly random subset for uniform
+    noise (Tab. 8 "Random"; MAE's ``random_masking``). noise [B, N] -> [B, n_keep]."""
     return noise.argsort(dim=1)[:, :n_keep].sort(dim=1).values  # [B, n_keep]
 
 
-def keep_set(
-    masking: str,
-    hiddens: Sequence[torch.Tensor],
-    drop_ratio: float,
-    *,
-    batch: int | None = None,
-    n: int | None = None,
-    steps: int | None = None,
-    device=None,
-    schedule: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """The keep set of ``masking`` (progressive | direct | random | none). -> [B, n_keep] int64, ascending.
+@dataclass(frozen=True)
+class Masking:
+    """How the keep set is chosen: ``strategy`` (progressive | direct | random | none, Tab. 8), the fraction
+    ``drop_ratio`` dropped per step, and the mask teacher's ``blocks`` entering which a step runs (the paper's
+    0, 4, 8). ``direct`` and ``random`` keep as many tokens as ``progressive`` would."""
 
-    ``hiddens`` are the mask teacher's patch tokens [B, N, D] entering each mask block (for ``direct``
-    only the last one is used); ``random`` and ``none`` do not look at them and take ``batch``, ``n``
-    and ``steps`` instead. ``steps`` = the number of mask blocks (default ``len(hiddens)``): ``direct``
-    and ``random`` keep as many tokens as ``progressive`` would. When the final count equals
-    N (drop ratio 0 or no mask blocks) every strategy returns all patches. ``schedule``: the precomputed
-    :func:`keep_schedule` of (N, drop_ratio, steps), for callers inside a compiled graph.
+    strategy: str = "progressive"
+    drop_ratio: float = 0.3
+    blocks: tuple[int, ...] = paper_blocks().mask
+
+    def __post_init__(self):
+        check_strategy(self.strategy)
+        object.__setattr__(self, "drop_ratio", check_drop_ratio(self.drop_ratio))
+        object.__setattr__(self, "blocks", tuple(sorted({int(b) for b in self.blocks})))
+
+    def schedule(self, n: int) -> tuple[int, ...]:
+        """The count after each step from ``n`` patches (:func:`keep_schedule`), () when nothing is dropped."""
+        return () if self.strategy == "none" else keep_schedule(n, self.drop_ratio, len(self.blocks))
+
+    def keep_count(self, n: int) -> int:
+        """Patches kept of ``n`` (static: never depends on the data)."""
+        schedule = self.schedule(n)
+        return schedule[-1] if schedule else n
+
+    def drops(self, n: int) -> bool:
+        """Whether anything is dropped of ``n`` patches (the one place that decides it)."""
+        return self.keep_count(n) < n
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a mask teacher's hidden states choose the keep set (progressive/direct dropping something)."""
+        return self.strategy in ("progressive", "direct") and self.drop_ratio > 0 and bool(self.blocks)
+
+    def teacher_blocks(self, n: int) -> tuple[int, ...]:
+        """The mask teacher's blocks whose entering hidden states choose the keep set: every mask block for
+        ``progressive``, the last for ``direct``, none when nothing is dropped or the data is not looked at."""
+        if not self.needs_teacher or not self.drops(n):
+            return ()
+        return self.blocks if self.strategy == "progressive" else self.blocks[-1:]
+
+
+def keep_set(masking: Masking, hiddens: Sequence[torch.Tensor], *, batch: int, n: int, device=None,
+             schedule: Sequence[int] | None = None) -> torch.Tensor:
+    """The keep set of ``masking`` for a batch of ``batch`` images of ``n`` patches. -> [B, n_keep] int64, ascending.
+
+    ``hiddens``: the mask teacher's patch tokens [B, N, D] entering each of ``masking.teacher_blocks(n)`` (empty
+    for random / none, or when nothing is dropped). ``schedule``: ``masking.schedule(n)`` computed once outside
+    any compiled graph (``torch.compile`` does not trace the rational arithmetic).
     """
-    check_strategy(masking)
-    if hiddens:
-        batch, n, device = hiddens[0].shape[0], hiddens[0].shape[1], hiddens[0].device
-        steps = len(hiddens) if steps is None else steps
-    if batch is None or n is None or steps is None:
-        raise ValueError("keep_set needs hidden states or batch, n and steps")
-    schedule = keep_schedule(n, drop_ratio, steps) if schedule is None else tuple(schedule)
+    schedule = masking.schedule(n) if schedule is None else tuple(schedule)
     n_keep = schedule[-1] if schedule else n
-    if masking == "none" or n_keep == n:
+    if n_keep == n:
         return all_patches(batch, n, device)
-    if masking == "random":
-        return random_keep(batch, n, n_keep, device)
+    if masking.strategy == "random":
+        return random_keep(torch.rand(batch, n, device=device), n_keep)
     if not hiddens:
-        raise ValueError(f"{masking} masking needs the mask teacher's hidden states")
-    if masking == "direct":
+        raise ValueError(f"{masking.strategy} masking needs the mask teacher's hidden states")
+    if masking.strategy == "direct":
         return direct_keep(hiddens[-1], n_keep)
-    return progressive_keep(hiddens, drop_ratio, schedule)
+    return progressive_keep(hiddens, masking.drop_ratio, schedule)

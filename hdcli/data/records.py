@@ -1,8 +1,5 @@
-"""What ``--data`` names: a :class:`Source`, and random-access :class:`Records` of one split of the map-style
-sources (the demo digits, Fashion-MNIST, CIFAR-100, image folders); what a source holds (classes, counts).
-
-WebDataset shards are read by :mod:`hdcli.data.shards`.
-"""
+"""Random-access :class:`Records` of one split of the map-style sources: the built-in demo digits, Fashion-MNIST,
+CIFAR-100 and image folders (``open_records``)."""
 from __future__ import annotations
 
 import gzip
@@ -10,131 +7,22 @@ import io
 import math
 import os
 import pickle
-import random
 import struct
 import tarfile
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 from hdcli import ui
+from hdcli.data.source import KNOWN_SPLITS, SHARD_IMAGE_KEYS, SPLIT_DIRS, Source, split_alias, walk_images
 from hdcli.data.transforms import open_image
-from hdcli.errors import HDError, did_you_mean
+from hdcli.errors import HDError
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # first one present in a sample is its image
-SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation", "test"), "test": ("test", "val", "validation")}
-KNOWN_SPLITS = ("train", "val", "validation", "test")
-SOURCE_NAMES = ("demo", "fashion-mnist", "fashion-mnist:DIR", "cifar100:DIR")
-SOURCE_HINT = ("give 'demo', 'fashion-mnist[:DIR]', 'cifar100:DIR', an image folder (ROOT/CLASS/IMG.jpg) "
-               "or WebDataset shards (DIR or DIR/train-{000000..000009}.tar)")
-
-# ---------------------------------------------------------------------------------------------------------
-# Sources
-
-
-@dataclass(frozen=True)
-class Source:
-    """What the user asked for: ``kind`` in demo | fashion-mnist | cifar100 | folder | shards."""
-
-    kind: str
-    spec: str
-    path: str | None = None
-
-
-def parse_source(source: str | os.PathLike | None) -> Source:
-    """Resolve a ``--data`` value to a :class:`Source`; HDError when the path is missing."""
-    from hdcli.data.shards import _is_pattern, _is_shard_name, check_tar, expand_pattern
-
-    if source is None or str(source) in ("", "demo"):
-        return Source("demo", "demo")
-    s = str(source)
-    head, sep, rest = s.partition(":")
-    if head in ("fashion-mnist", "fashion_mnist", "fmnist"):
-        return Source("fashion-mnist", s, str(Path(rest or FASHION_MNIST_DIR).expanduser()))
-    if head in ("cifar100", "cifar-100"):
-        if not rest:
-            raise HDError("cifar100 needs a directory: cifar100:DIR",
-                          "DIR holds cifar-100-python/ (train, test, meta) or cifar-100-python.tar.gz")
-        return Source("cifar100", s, str(Path(rest).expanduser()))
-    # Cheap checks here (a stat and 1 KiB per shard, a walk up to the first image): every command calls
-    # parse_source before building models, so a wrong path fails before any heavy work (issue 10).
-    if _is_pattern(s) and not Path(s).expanduser().exists():  # a folder literally named imgs{1..2} is a folder
-        for u in expand_pattern(s):
-            check_tar(u)
-        return Source("shards", s, s)
-    p = Path(s).expanduser()
-    if not p.exists():
-        hint = did_you_mean(s, SOURCE_NAMES) if "/" not in s and not sep else SOURCE_HINT
-        raise HDError(f"data path not found: {s}", hint)
-    if p.is_file():
-        if _is_shard_name(p.name):
-            check_tar(str(p))
-            return Source("shards", s, str(p))
-        raise HDError(f"not a data source: {s} is a file", SOURCE_HINT)
-    tars = [f for f in p.iterdir() if _is_shard_name(f.name) and f.is_file()]
-    if (p / "_info.json").exists() or tars:
-        for f in tars:
-            check_tar(str(f))
-        return Source("shards", s, str(p))
-    if not _has_image(p):
-        raise HDError(f"no images found in {p}", SOURCE_HINT)
-    return Source("folder", s, str(p))
-
-
-def _has_image(root: Path) -> bool:
-    """Whether any image file lies under ``root`` (stops at the first one)."""
-    return any(files for _, files in walk_images(root, warn=False))
-
-
-def walk_images(root: str | os.PathLike, *, warn: bool = True):
-    """(folder, image file names) for every folder under ``root``, links followed once.
-
-    ``os.walk(followlinks=True)`` (timm's folder reader) never ends on a link loop (``ln -s . a/self``) and
-    reads a folder reached by two links twice; here each physical folder is read once, and a link to a
-    folder already read is skipped with a warning.
-    """
-    def key(path: str) -> tuple[int, int] | None:
-        try:
-            st = os.stat(path)
-        except OSError:  # a broken link
-            return None
-        return st.st_dev, st.st_ino
-
-    root = os.fspath(root)
-    seen = {key(root)}
-    for folder, dirs, files in os.walk(root, topdown=True, followlinks=True):
-        keep = []
-        for d in sorted(dirs):
-            k = key(os.path.join(folder, d))
-            if k is None:
-                continue
-            if k in seen:
-                if warn and ui.is_main_process():  # every rank walks the same folder
-                    ui.warn(f"skipping {os.path.join(folder, d)}: a link to a folder already read (a loop or a "
-                            "second way in); links are followed once")
-                continue
-            seen.add(k)
-            keep.append(d)
-        dirs[:] = keep
-        yield folder, [f for f in files if f.lower().endswith(IMAGE_EXTS)]
-
-
-
-
-def _split_alias(split: str) -> str:
-    return {"validation": "val", "eval": "val", "t10k": "test"}.get(split, split)
-
-
-# -- records: random-access images of one split (map-style sources) ---------------------------------------
 
 
 class Records:
@@ -234,7 +122,7 @@ class FolderRecords(Records):
 
 
 @lru_cache(maxsize=1)
-def _digits() -> dict[str, ArrayRecords]:
+def digits() -> dict[str, ArrayRecords]:
     """sklearn's 1,797 bundled 8x8 digits (0..16), bicubic-upsampled to 32x32 RGB uint8, split 80/20
     stratified with a fixed seed: train 1,437, val 360."""
     import torch.nn.functional as F
@@ -344,6 +232,12 @@ def _cifar_pickle(root: Path, name: str) -> dict:
     return obj
 
 
+def cifar100_classes(root: str) -> list[str]:
+    """The 100 fine class names of a cifar-100-python copy (its ``meta``)."""
+    meta = _cifar_pickle(Path(root), "meta")
+    return [c.decode() if isinstance(c, bytes) else str(c) for c in meta["fine_label_names"]]
+
+
 @lru_cache(maxsize=2)
 def _cifar100(root: str, split: str) -> ArrayRecords:
     name = "train" if split == "train" else "test"
@@ -395,9 +289,9 @@ def _stamp(folder: Path) -> tuple:
 
 def open_records(source: Source, split: str) -> Records:
     """Random-access records of one split of a map-style source (demo, fashion-mnist, cifar100, folder)."""
-    split = _split_alias(split)
+    split = split_alias(split)
     if source.kind == "demo":
-        d = _digits()
+        d = digits()
         return d["train" if split == "train" else "val"]
     if source.kind == "fashion-mnist":
         return _fashion_mnist(source.path, "train" if split == "train" else "test")
@@ -417,130 +311,4 @@ def open_records(source: Source, split: str) -> Records:
         return _folder_records(str(folder), tuple(classes) if classes else None, _stamp(folder))
     raise HDError(f"{source.spec} is WebDataset shards, not a folder or built-in set")
 
-
-
-def has_split(source: str | os.PathLike | None, split: str) -> bool:
-    """Whether ``source`` holds a split of its own named ``split`` (``val`` also finds validation/ and test/);
-    a source without one serves its whole data for every split (with a warning)."""
-    from hdcli.data.shards import _info_split, _is_shard_name, read_info
-
-    src = parse_source(source)
-    names = SPLIT_DIRS.get(_split_alias(split), (_split_alias(split),))
-    if src.kind in ("demo", "fashion-mnist", "cifar100"):
-        return True
-    root = Path(src.path)
-    if src.kind == "folder":
-        return any((root / n).is_dir() for n in names)
-    if not root.is_dir():
-        return False  # a shard pattern names the files of one split
-    if _info_split(read_info(root), split) is not None:
-        return True
-    return any(_is_shard_name(f.name) and f.name.startswith(tuple(f"{n}{c}" for n in names for c in "-_"))
-               for f in root.iterdir())
-
-
-def sample_images(source: str | os.PathLike | None, n: int, *, split: str = "val", seed: int = 0) -> list[Image.Image]:
-    """``n`` readable RGB images of ``split`` (original size), a seeded random choice; fewer if the split
-    is smaller. For shards: the first readable samples of the shards in a seeded order."""
-    from hdcli.data.shards import open_shards
-
-    src = parse_source(source)
-    rng = random.Random(seed)
-    out: list[Image.Image] = []
-    if src.kind == "shards":
-        shards = open_shards(src, split)
-        urls = list(shards.urls)
-        rng.shuffle(urls)
-        for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-            data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
-            try:
-                out.append(open_image(data))
-            except Exception:
-                continue
-            if len(out) >= n:
-                break
-        return out
-    records = open_records(src, split)
-    order = list(range(len(records)))
-    rng.shuffle(order)
-    for i in order:
-        if len(out) >= n:
-            break
-        try:
-            out.append(records.load(i))
-        except Exception:
-            continue
-    return out
-
-
-def classes(source: str | os.PathLike | None) -> list[str]:
-    """Class names of a source (training split); shards need ``classes`` in their ``_info.json``."""
-    from hdcli.data.shards import open_shards
-
-    src = parse_source(source)
-    if src.kind == "shards":
-        shards = open_shards(src, "train")
-        if not shards.classes:
-            raise HDError(f"the class list of {src.spec} is unknown",
-                          "its _info.json has no 'classes' (`hd data shards` writes it)")
-        return list(shards.classes)
-    if src.kind == "cifar100":
-        meta = _cifar_pickle(Path(src.path), "meta")
-        return [c.decode() if isinstance(c, bytes) else str(c) for c in meta["fine_label_names"]]
-    return list(open_records(src, "train").classes)
-
-
-def num_classes(source: str | os.PathLike | None) -> int:
-    """Number of classes of a source (demo 10, fashion-mnist 10, cifar100 100, folder: class dirs)."""
-    src = parse_source(source)
-    if src.kind in ("demo", "fashion-mnist"):
-        return 10
-    if src.kind == "cifar100":
-        return 100
-    return len(classes(source))
-
-
-
-def num_samples(source: str | os.PathLike | None, split: str = "train") -> int:
-    """Images in ``split`` of a source (shards: from ``_info.json`` or counted from the tar headers)."""
-    from hdcli.data.shards import open_shards
-
-    src = parse_source(source)
-    return open_shards(src, split).num_samples if src.kind == "shards" else len(open_records(src, split))
-
-
-def check_batch(source: str | os.PathLike | None, batch_size: int, world_size: int = 1, split: str = "train") -> None:
-    """HDError when one global batch (``batch_size`` × ``world_size``) needs more images than the split holds:
-    an epoch would be one batch of repeated images (or the host would run out of memory building it)."""
-    n = num_samples(source, split)
-    if batch_size * world_size > n:
-        per = f"{batch_size} per process × {world_size} processes = {batch_size * world_size}" if world_size > 1 \
-            else str(batch_size)
-        raise HDError(f"a batch of {per} images is more than the {n} images of {parse_source(source).spec} ({split})",
-                      f"lower --batch-size to at most {max(1, n // world_size)}")
-
-
-def describe(source: str | os.PathLike | None) -> dict:
-    """Kind, classes and per-split sample counts (and shard counts) of a source, for ``hd data info``."""
-    from hdcli.data.shards import open_shards
-
-    src = parse_source(source)
-    out: dict = {"source": src.spec, "kind": src.kind, "path": src.path, "splits": {}}
-    splits = ["train", "val"]
-    for split in splits:
-        try:
-            if src.kind == "shards":
-                s = open_shards(src, split)
-                out["splits"][split] = {"samples": s.num_samples, "shards": len(s.urls)}
-                out.setdefault("classes", s.classes)
-            else:
-                r = open_records(src, split)
-                out["splits"][split] = {"samples": len(r)}
-                out.setdefault("classes", r.classes)
-        except HDError as e:
-            if split == "train":
-                raise
-            out["splits"][split] = {"error": e.problem}
-    out["num_classes"] = len(out["classes"]) if out.get("classes") else None
-    return out
 

@@ -1,0 +1,234 @@
+"""Distil a student from frozen teachers on a list of targets: teacher pass -> student pass -> loss (METHOD.md).
+
+    from hdcli.method import Distiller, Target
+    method = Distiller(student, {"mae": mae, "clip": clip},
+                       [Target("clip", "features"), Target("mae", "relations", (9, 10))], mask_teacher="mae")
+    out = method(images)         # images: float [B, 3, H, W], ImageNet-normalised
+    out.loss.backward()          # gradients reach method.student and method.heads only
+
+Every single-teacher baseline and ablation of the paper is a configuration of it (docs/method.md lists them);
+:class:`~hdcli.method.hybrid.HybridDistill` is the paper's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from hdcli.errors import HDError, did_you_mean
+from hdcli.method import signals
+from hdcli.method.heads import HEADS
+from hdcli.method.losses import BETA, LOSSES
+from hdcli.method.masking import Masking
+from hdcli.method.names import RELATION_HEADS, paper_blocks
+from hdcli.method.targets import KINDS, Hidden, Pair, Target, head_mean, student_value, wants
+from hdcli.method.teacher import TeacherPass, TeacherTargets
+from hdcli.models import vit
+
+
+@dataclass
+class DistillOutput:
+    """loss = loss_feat + loss_rel (both weighted); keep [B, n] the kept patch indices (ascending, 0-based, prefix
+    tokens excluded); parts: each target's unweighted loss by name; signals (``detail``): ``cos/<target>`` and
+    ``attn/<target>/<student block>`` (:mod:`hdcli.method.signals`)."""
+
+    loss: torch.Tensor
+    loss_feat: torch.Tensor
+    loss_rel: torch.Tensor
+    keep: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# a pytree node, so that DDP (find_unused_parameters / static_graph) and torch.compile see its tensors
+try:
+    from torch.utils._pytree import register_dataclass as _register_dataclass
+except ImportError:  # older torch
+    from torch.export import register_dataclass as _register_dataclass
+_register_dataclass(DistillOutput)
+
+
+class Distiller(nn.Module):
+    """Distil ``student`` from frozen ``teachers`` on ``targets`` (METHOD.md).
+
+    Args:
+        student: a timm ViT of a supported family (``hdcli.models.vit``), trained.
+        teachers: name -> frozen model; held by :attr:`teacher_pass` outside the module tree (not in
+            ``parameters()``/``state_dict()``, ignored by DDP).
+        targets: what to distil (:class:`~hdcli.method.targets.Target`); each feature-like target gets a head
+            (student width -> target width) per block in :attr:`heads`.
+        mask_teacher: the teacher whose hidden states choose the kept tokens (``progressive``/``direct``).
+        mask_blocks, drop_ratio, masking: the keep set (:class:`~hdcli.method.masking.Masking`; the paper's 0, 4,
+            8, 0.3, progressive: 196 -> 137 -> 96 -> 67 tokens).
+        beta: SmoothL1 beta (2.0, as FD and dBOT).
+        relation_heads: "match" (head counts must agree) or "mean" (relations averaged over heads).
+        input_mean, input_std: the statistics the input images are normalised with (ImageNet).
+
+    ``forward(images, detail=False)`` returns a :class:`DistillOutput`; with ``detail`` it also holds the per-target
+    signals, computed under ``no_grad`` from the step's own tensors. The module never changes dtype or enters
+    autocast itself; teacher inputs are cast to each teacher's dtype; losses are computed in fp32.
+    """
+
+    def __init__(self, student: nn.Module, teachers: Mapping[str, nn.Module], targets: Sequence[Target],
+                 mask_teacher: str | None = None, mask_blocks: Sequence[int] = paper_blocks().mask,
+                 drop_ratio: float = 0.3, masking: str = "progressive", beta: float = BETA,
+                 relation_heads: str = "match", input_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+                 input_std: Sequence[float] = IMAGENET_DEFAULT_STD):
+        super().__init__()
+        vit.check_vit(student, "the student")
+        if not targets:
+            raise HDError("no distillation targets", "give at least one Target(teacher, kind, blocks, weight)")
+        if relation_heads not in RELATION_HEADS:
+            raise HDError(f"unknown relation_heads {relation_heads!r}", did_you_mean(relation_heads, RELATION_HEADS))
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise HDError(f"duplicate target names {names}", "give repeated teacher/kind pairs a distinct name")
+        self.student = student
+        self.targets: tuple[Target, ...] = tuple(targets)
+        self.beta, self.relation_heads = float(beta), relation_heads
+        self.grid = tuple(int(g) for g in student.patch_embed.grid_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.img_size = tuple(g * p for g, p in zip(self.grid, vit.patch_size(student), strict=True))
+        self.teacher_pass = TeacherPass(teachers, self.targets, grid=self.grid, student_roles=vit.prefix_roles(student),
+                                        masking=Masking(masking, drop_ratio, tuple(mask_blocks)),
+                                        mask_teacher=mask_teacher, relation_heads=relation_heads,
+                                        input_mean=input_mean, input_std=input_std)
+        self.heads = nn.ModuleDict({p.key: head for t in self.targets for p, head in self._check(t).items()})
+
+    def _check(self, t: Target) -> dict[Pair, nn.Module]:
+        """Blocks in range for both models, attention that exposes q·kᵀ, head counts; the heads of ``t``."""
+        s, tm = self.student, self.teacher_pass.model(t.teacher)
+        if KINDS[t.kind].at == "final":
+            if t.blocks or t.student_blocks:
+                raise HDError(f"target {t.name}: features are taken after the final norm, not at blocks",
+                              "use kind='block' for the output of an intermediate block")
+        else:
+            if not t.blocks:
+                raise HDError(f"target {t.name} needs at least one block")
+            if len(t.s_blocks) != len(t.blocks):
+                raise HDError(f"target {t.name}: {len(t.blocks)} teacher blocks but {len(t.s_blocks)} student blocks",
+                              "give one student block per teacher block")
+            vit.check_blocks(tm, t.blocks, f"teacher {t.teacher!r}", f"{t.kind} block")
+            vit.check_blocks(s, t.s_blocks, "the student", f"{t.kind} block")
+        if t.kind in ("relations", "msa"):
+            vit.check_attention(tm, t.blocks, f"teacher {t.teacher!r}", f"target {t.name}")
+            vit.check_attention(s, t.s_blocks, "the student", f"target {t.name}")
+        if t.feature_like:
+            return {p: HEADS[t.head](vit.width(s), self.teacher_pass.width(t, p.teacher)) for p in t.pairs}
+        for p in t.pairs:  # relations: R is [B, H, T, T] on both sides
+            ht, hs = vit.num_heads(tm, p.teacher), vit.num_heads(s, p.student)
+            if ht != hs and self.relation_heads != "mean":
+                raise HDError(f"teacher {t.teacher!r} has {ht} heads at block {p.teacher}, the student {hs} at block "
+                              f"{p.student}", "relations need equal head counts; pass relation_heads='mean' to "
+                              "average over heads")
+        return {}
+
+    # ---------------------------------------------------------------- forward = teacher pass + student pass
+
+    def forward(self, images: torch.Tensor, detail: bool = False) -> DistillOutput:
+        """images: float [B, 3, H, W] normalised with the input statistics -> DistillOutput."""
+        if tuple(images.shape[-2:]) != self.img_size:
+            raise HDError(f"images are {tuple(images.shape[-2:])} px but the student expects {self.img_size}",
+                          "resize the data to the student's img_size (the keep sets and teachers are set up for it)")
+        return self.student_pass(images, self.teacher_pass(images), detail=detail)
+
+    def student_pass(self, images: torch.Tensor, targets: TeacherTargets, detail: bool = False) -> DistillOutput:
+        """The student on its prefix tokens + the kept patches only (gathered before block 0), its values for each
+        loss term, and the loss against ``targets`` (the teacher pass of the same images)."""
+        keep, s = targets.keep, self.student
+        x, rope = vit.embed_kept(s, images, None if keep.shape[1] == self.num_patches else keep)  # [B, P+n, D]
+        ckpt = bool(getattr(s, "grad_checkpointing", False)) and self.training
+        run = Hidden.run(s, x, rope, [w for t in self.targets for w in wants(t, "student")], checkpoint=ckpt)
+        tokens = self.teacher_pass.tokens
+        mine = {p: self._predict(t, p, student_value(t, run, p, tokens[t.name])) for t in self.targets for p in t.pairs}
+        return self.loss(mine, targets, detail=detail)
+
+    def _predict(self, t: Target, pair: Pair, v: torch.Tensor) -> torch.Tensor:
+        """The student's value as the loss compares it: through its head (feature-like), or its relations."""
+        if t.feature_like:
+            return self.heads[pair.key](v)
+        return head_mean(v) if self.relation_heads == "mean" else v
+
+    def loss(self, predictions: dict[Pair, torch.Tensor], targets: TeacherTargets, detail: bool = False) -> DistillOutput:
+        """L = L_feat + L_rel (METHOD.md "Loss"): each target's loss averaged over its block pairs, weighted, and
+        summed by kind (feature-like targets into ``loss_feat``, relations into ``loss_rel``)."""
+        loss_feat = targets.keep.new_zeros((), dtype=torch.float32)
+        loss_rel = targets.keep.new_zeros((), dtype=torch.float32)
+        parts: dict[str, torch.Tensor] = {}
+        for t in self.targets:
+            compare = LOSSES[t.loss]
+            part = sum(compare(predictions[p], targets.values[p], beta=self.beta) for p in t.pairs) / len(t.pairs)
+            parts[t.name] = part
+            if t.feature_like:
+                loss_feat = loss_feat + t.weight * part
+            else:
+                loss_rel = loss_rel + t.weight * part
+        return DistillOutput(loss=loss_feat + loss_rel, loss_feat=loss_feat, loss_rel=loss_rel, keep=targets.keep,
+                             parts=parts, signals=self._signals(predictions, targets) if detail else {})
+
+    def _signals(self, predictions: dict[Pair, torch.Tensor], targets: TeacherTargets) -> dict[str, torch.Tensor]:
+        """``cos/<target>``: cosine of the head's output and a feature-like target (mean over its blocks);
+        ``attn/<target>/<student block>``: attention agreement of student and teacher at a relation block."""
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for t in self.targets:
+                if t.feature_like:
+                    out[f"cos/{t.name}"] = sum(signals.cosine(predictions[p], targets.values[p])
+                                               for p in t.pairs) / len(t.pairs)
+                    continue
+                tm = self.teacher_pass.model(t.teacher)
+                for p in t.pairs:
+                    out[f"attn/{t.name}/{p.student}"] = signals.attention_agreement(
+                        predictions[p], targets.values[p], float(self.student.blocks[p.student].attn.scale),
+                        float(tm.blocks[p.teacher].attn.scale))
+        return out
+
+    # ---------------------------------------------------------------- what the task and the tools read
+
+    @property
+    def teachers(self) -> dict[str, nn.Module]:
+        """name -> frozen teacher model (not submodules: see :mod:`hdcli.method.teacher`)."""
+        return {name: t.model for name, t in self.teacher_pass.teachers.items()}
+
+    @property
+    def norms(self) -> nn.ModuleDict:
+        """The running normalisers of the targets (``standardize``/``phis``), by loss term key."""
+        return self.teacher_pass.norms
+
+    @property
+    def masking(self) -> Masking:
+        return self.teacher_pass.masking
+
+    @property
+    def n_keep(self) -> int:
+        """Patches the student sees of :attr:`num_patches` (static)."""
+        return self.masking.keep_count(self.num_patches)
+
+    def teacher_input(self, name: str, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (normalised for the student) as teacher ``name`` takes them: its own mean/std, size, dtype."""
+        return self.teacher_pass.teachers[name].prepare(images)
+
+    def head(self, target: str, block: int | None = None) -> nn.Module:
+        """The head of a feature-like target by name (and teacher block for block/msa targets)."""
+        t = next((t for t in self.targets if t.name == target), None)
+        if t is None:
+            raise HDError(f"no target named {target!r}", did_you_mean(target, [t.name for t in self.targets]))
+        return self.heads[next(p.key for p in t.pairs if p.teacher == block)]
+
+    @property
+    def shared_block(self) -> int:
+        """The deepest student block every target's loss depends on through all of its parameters (-1: only the
+        embedding), where :func:`hdcli.method.signals.grad_shares` compares the targets. A value entering block i
+        depends fully on blocks < i, one leaving it on blocks ≤ i, the final features on all."""
+        last = {"enter": lambda b: b - 1, "leave": lambda b: b, "final": lambda b: vit.depth(self.student) - 1}
+        return min(last[KINDS[t.kind].at](p.student) for t in self.targets for p in t.pairs)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of :attr:`shared_block` (the patch embedding when it is -1)."""
+        b = self.shared_block
+        module = self.student.blocks[b] if b >= 0 else self.student.patch_embed
+        return [p for p in module.parameters() if p.requires_grad]

@@ -1,0 +1,128 @@
+"""The paper's Hybrid Distill (Sec. 3) and the one builder of a method from a ``[distill]`` config section.
+
+The loss (paper Eq. 3; METHOD.md "Loss"), over CLS + the kept tokens T' chosen from the MIM teacher's blocks
+``mask_blocks`` (Eq. 4):
+
+    L = L_feat + α · L_rel
+    L_feat = SmoothL1_β( h(x_S^L),  LN(x_T^L) )                          feature teacher T, head h
+    L_rel  = 1/|B| Σ_{i ∈ B} SmoothL1_β( q_S^i k_S^iᵀ,  q_M^i k_M^iᵀ )     MIM teacher M, relation blocks B
+
+Every spelling of a method becomes a list of :class:`~hdcli.method.targets.Target` in :func:`targets_from_config`:
+two teachers (the paper), more teachers (MIM relations + each further teacher's features) or explicit
+``[[distill.targets]]``. A teacher is named by its label (``hdcli.teachers.registry.label``: ``mae``, ``clip``,
+a run dir's name, ...) and a target ``<label>/<kind>``, so the same method logs the same names however it is
+written (docs/distill.md "Metric names").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from torch import nn
+
+from hdcli.errors import HDError, did_you_mean
+from hdcli.method.distiller import Distiller
+from hdcli.method.losses import BETA
+from hdcli.method.masking import Masking
+from hdcli.method.names import paper_blocks
+from hdcli.method.norms import NORMS
+from hdcli.method.targets import TARGET_KEYS, Target
+from hdcli.models import vit
+from hdcli.teachers.registry import labels
+
+
+class HybridDistill(Distiller):
+    """Hybrid Distill: the features of ``feat_teacher`` (CLIP or DeiT) after its final norm, plus ``alpha`` × the
+    relations q·kᵀ of ``mim_teacher`` (MAE) entering ``relation_blocks``, the student seeing CLS + the tokens kept
+    by progressive redundant-token masking of the MIM teacher (``out.loss_feat`` + ``out.loss_rel``, α applied).
+
+    ``relation_blocks``/``mask_blocks`` default to the paper's for the MIM teacher's depth (9, 10 / 0, 4, 8 at
+    depth 12; ``names.paper_blocks``); ``student_relation_blocks`` to ``relation_blocks``. ``names``: the two
+    teachers' names (targets ``"<feature>/features"`` and ``"<mim>/relations"``); ``target_norm``: how the
+    features are normalised (``hdcli.method.norms``; the paper's LayerNorm by default).
+    """
+
+    def __init__(self, student: nn.Module, mim_teacher: nn.Module, feat_teacher: nn.Module,
+                 relation_blocks: Sequence[int] | None = None, mask_blocks: Sequence[int] | None = None,
+                 drop_ratio: float = 0.3, alpha: float = 1.0, beta: float = BETA, masking: str = "progressive",
+                 relation_heads: str = "match", student_relation_blocks: Sequence[int] | None = None,
+                 target_norm: str = "layernorm", names: tuple[str, str] = ("mim", "feature")):
+        paper = paper_blocks(vit.depth(mim_teacher))
+        mim, feature = names
+        targets = [Target(feature, "features", norm=target_norm),
+                   Target(mim, "relations", tuple(relation_blocks or paper.relations), alpha,
+                          None if student_relation_blocks is None else tuple(student_relation_blocks))]
+        super().__init__(student, {mim: mim_teacher, feature: feat_teacher}, targets, mask_teacher=mim,
+                         mask_blocks=tuple(paper.mask if mask_blocks is None else mask_blocks),
+                         drop_ratio=drop_ratio, masking=masking, beta=beta, relation_heads=relation_heads)
+
+    @property
+    def feature_head(self) -> nn.Module:
+        """The head applied to the student's final features (student width -> feature-teacher width)."""
+        return self.head(self.targets[0].name)
+
+
+# ---------------------------------------------------------------- the one builder from the config
+
+def masking_of(dc) -> Masking:
+    """The keep-set settings of a ``[distill]`` section."""
+    return Masking(dc.masking, dc.drop_ratio, tuple(dc.mask_blocks))
+
+
+def targets_from_config(dc) -> tuple[list[Target], str | None]:
+    """A ``[distill]`` section (``hdcli.config.MethodConfig``) as targets over the teachers' labels, and the mask
+    teacher's label (None when no teacher chooses the keep set). Raises HDError naming the entry at fault: this
+    is the config's validation of its targets (``MethodConfig.validate`` calls it) and the builder's input."""
+    if dc.target_norm not in NORMS:
+        raise HDError(f"distill.target_norm must be one of {', '.join(NORMS)}; got {dc.target_norm!r}",
+                      did_you_mean(str(dc.target_norm), NORMS))
+    label = dict(zip(dc.teachers, labels(list(dc.teachers)), strict=True))
+    if dc.targets:
+        targets = [_target(t, label, dc, f"distill.targets[{i}]") for i, t in enumerate(dc.targets)]
+    else:  # the hybrid: relations of the MIM teacher (teachers[0], weight alpha) + each further teacher's features
+        mim, *feature = dc.teachers
+        s_rel = None if dc.student_relation_blocks is None else tuple(dc.student_relation_blocks)
+        targets = [Target(label[mim], "relations", tuple(dc.relation_blocks), dc.alpha, s_rel),
+                   *(Target(label[f], "features", norm=dc.target_norm) for f in feature)]
+    names = [t.name for t in targets]
+    for name in names:
+        if names.count(name) > 1:
+            raise HDError(f"two distillation targets are named {name!r}",
+                          "give one of them a name: [[distill.targets]] name = \"...\" (a teacher listed twice in "
+                          "--teachers gives its features twice: list it once)")
+    mask_teacher = dc.mask_teacher or dc.teachers[0]
+    return targets, (label[mask_teacher] if masking_of(dc).needs_teacher else None)
+
+
+def _target(entry: dict, label: Mapping[str, str], dc, where: str) -> Target:
+    for k in entry:
+        if k not in TARGET_KEYS:
+            raise HDError(f"unknown key {where}.{k}", did_you_mean(k, TARGET_KEYS))
+    for k in ("teacher", "kind"):
+        if k not in entry:
+            raise HDError(f"{where} needs a {k!r}", "e.g. {teacher = \"clip\", kind = \"features\"}")
+    if entry["teacher"] not in label:
+        raise HDError(f"{where}.teacher {entry['teacher']!r} is not one of distill.teachers {list(dc.teachers)}",
+                      did_you_mean(str(entry["teacher"]), list(label)))
+    for flag in ("registers", "pooled"):
+        if not isinstance(entry.get(flag, False), bool):
+            raise HDError(f"{where}.{flag} must be true or false, got {entry[flag]!r}")
+    w = entry.get("weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+        raise HDError(f"{where}.weight must be a finite number ≥ 0, got {w!r}")
+    kw = dict(entry, teacher=label[entry["teacher"]], weight=float(w))
+    if "norm" not in entry and entry["kind"] != "relations":
+        kw["norm"] = dc.target_norm  # the section's default for feature-like targets
+    try:
+        return Target(**kw)
+    except HDError as e:
+        raise HDError(f"{where}: {e.problem}", e.hint) from None
+
+
+def build(student: nn.Module, teachers: Mapping[str, nn.Module], dc) -> Distiller:
+    """The method of a ``[distill]`` section: ``teachers`` maps each name of ``dc.teachers`` to its frozen model."""
+    targets, mask_teacher = targets_from_config(dc)
+    by_label = dict(zip(labels(list(dc.teachers)), (teachers[n] for n in dc.teachers), strict=True))
+    return Distiller(student, by_label, targets, mask_teacher=mask_teacher, mask_blocks=tuple(dc.mask_blocks),
+                     drop_ratio=dc.drop_ratio, masking=dc.masking, beta=dc.beta, relation_heads=dc.relation_heads)

@@ -1,0 +1,197 @@
+"""The teacher side of a step: frozen teachers, each with its own input normalisation, size and dtype, run once
+per batch for the keep set and the normalised targets (:class:`TeacherPass` -> :class:`TeacherTargets`).
+
+Teachers are deliberately NOT submodules: :class:`TeacherPass` holds them in a plain dict, so ``parameters()``,
+``state_dict()`` (checkpoints), ``load_state_dict`` and DDP see only what trains (and the running statistics of
+the targets' normalisers, which are checkpointed). ``.to()/.cuda()`` still move them (``_apply`` is forwarded)
+and ``.train()`` leaves them in eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from hdcli.errors import HDError, did_you_mean
+from hdcli.method import masking as masking_lib
+from hdcli.method import norms
+from hdcli.method.targets import (
+    Hidden,
+    Pair,
+    Target,
+    TokenMatch,
+    head_mean,
+    match_prefix,
+    teacher_value,
+    wants,
+)
+from hdcli.models import vit
+
+
+def renorm_affine(mean_in, std_in, mean_t, std_t) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_t = (x·std_in + mean_in − mean_t)/std_t = x·scale + shift. Returns scale, shift [1, 3, 1, 1]."""
+    mean_in, std_in, mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                                      for v in (mean_in, std_in, mean_t, std_t))
+    return std_in / std_t, (mean_in - mean_t) / std_t
+
+
+class Teacher(nn.Module):
+    """A frozen teacher plus its input adaptor: re-normalisation to its own mean/std (its ``pretrained_cfg``, as
+    timm's distillation task lets the teacher own its input normalisation), a resize so that its token grid
+    equals the student's (a /14 teacher for a /16 student), and a cast to its parameters' dtype."""
+
+    def __init__(self, model: nn.Module, name: str, grid: tuple[int, int], mean_in=IMAGENET_DEFAULT_MEAN,
+                 std_in=IMAGENET_DEFAULT_STD):
+        super().__init__()
+        vit.check_vit(model, f"teacher {name!r}")
+        model.requires_grad_(False).eval()
+        self.model = model
+        self.name = name
+        self.img_size = vit.fit_grid(model, grid)
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.mean = tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+        self.std = tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
+        self.renorm = self.mean != tuple(mean_in) or self.std != tuple(std_in)
+        scale, shift = renorm_affine(mean_in, std_in, self.mean, self.std)
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def train(self, mode: bool = True):  # a teacher is always in eval mode
+        return super().train(False)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] normalised for the student -> [B, 3, h, w] in the teacher's normalisation, size, dtype."""
+        if self.renorm:
+            x = x * self.scale + self.shift
+        if tuple(x.shape[-2:]) != self.img_size:
+            x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False, antialias=True)
+        return x.to(self.model.patch_embed.proj.weight.dtype)
+
+    def run(self, images: torch.Tensor, wanted) -> Hidden:
+        """The teacher's hidden states ``wanted`` ((at, block) pairs, ``targets.Hidden.run``) on ``images``."""
+        return Hidden.run(self.model, *vit.embed(self.model, self.prepare(images)), wanted)
+
+
+@dataclass
+class TeacherTargets:
+    """What the teacher pass gives every student: the keep set [B, n] (ascending patch indices) and each loss
+    term's target, normalised (feature-like) or per head / head-averaged (relations)."""
+
+    keep: torch.Tensor
+    values: dict[Pair, torch.Tensor]
+
+
+class TeacherPass(nn.Module):
+    """Runs each teacher once, only as far as its targets need, under ``no_grad``: the keep set, then every target.
+
+    Args:
+        teachers: name -> frozen model of a supported family (``hdcli.models.vit``), held outside the module tree.
+        targets: the targets (their ``teacher`` names a key of ``teachers``).
+        grid: the student's token grid; student_roles: its prefix tokens' roles (``vit.prefix_roles``).
+        masking: how the keep set is chosen (``masking.Masking``); mask_teacher: whose hidden states choose it.
+        relation_heads: "match" or "mean" (relations averaged over heads).
+        input_mean, input_std: the statistics the images are normalised with (ImageNet).
+
+    Teachers run under ``torch.no_grad`` (not ``inference_mode``: the keep set and targets enter autograd ops of
+    the student that save them for backward, which inference tensors forbid). The mask teacher runs first.
+    """
+
+    def __init__(self, teachers: Mapping[str, nn.Module], targets: Sequence[Target], *, grid: tuple[int, int],
+                 student_roles: Sequence[str], masking: masking_lib.Masking, mask_teacher: str | None = None,
+                 relation_heads: str = "match", input_mean=IMAGENET_DEFAULT_MEAN, input_std=IMAGENET_DEFAULT_STD):
+        super().__init__()
+        self.targets = tuple(targets)
+        self.masking, self.mask_teacher, self.relation_heads = masking, mask_teacher, relation_heads
+        self.num_patches = grid[0] * grid[1]
+        self.schedule = masking.schedule(self.num_patches)  # static keep counts, outside any compiled graph
+        used = {t.teacher for t in self.targets} | ({mask_teacher} if mask_teacher else set())
+        for name in sorted(used - set(teachers)):
+            raise HDError(f"no teacher named {name!r}", did_you_mean(name, list(teachers)))
+        for name in teachers:
+            if name not in used:
+                raise HDError(f"teacher {name!r} is not used by any target", "drop it or add a target for it")
+        self._teachers = {name: Teacher(m, name, grid, input_mean, input_std) for name, m in teachers.items()}
+        self.mask_blocks = masking.teacher_blocks(self.num_patches)  # () when nothing is dropped by the data
+        if self.mask_blocks:
+            if mask_teacher is None:
+                raise HDError(f"{masking.strategy} masking needs a mask teacher",
+                              "name the MIM teacher as mask_teacher, or use masking='random' / 'none'")
+            vit.check_blocks(self._teachers[mask_teacher].model, masking.blocks, f"mask teacher {mask_teacher!r}",
+                             "mask block")
+        self.tokens: dict[str, TokenMatch] = {t.name: self._match(t, student_roles) for t in self.targets}
+        self.norms = nn.ModuleDict({p.key: norms.RunningNorm(t.norm, self.width(t, p.teacher))
+                                    for t in self.targets if t.norm != "layernorm" for p in t.pairs})
+
+    def _match(self, t: Target, student_roles) -> TokenMatch:
+        """The prefix tokens ``t`` compares (``match_prefix``); a pooled summary for ``features`` only."""
+        tm = self.model(t.teacher)
+        match = match_prefix(vit.prefix_roles(tm), student_roles, registers=t.registers,
+                             pooled=t.pooled and t.kind == "features")
+        if match.pooled and getattr(tm, "global_pool", "") in ("", None):
+            raise HDError(f"target {t.name}: the teacher has no class token and no pooling (global_pool='')",
+                          "set pooled = false for this target, or load the teacher with its own global_pool")
+        if match.pooled and vit.pooled_width(tm) != tm.num_features:
+            raise HDError(f"target {t.name}: the teacher's pooled summary has {vit.pooled_width(tm)} channels but its "
+                          f"tokens {tm.num_features}", "set pooled = false for this target")
+        return match
+
+    def model(self, name: str) -> nn.Module:
+        return self._teachers[name].model
+
+    def width(self, t: Target, block: int | None) -> int:
+        """Channels of a feature-like target: the final features' (``block`` None) or a block's hidden width."""
+        tm = self.model(t.teacher)
+        return int(tm.num_features) if block is None else vit.width(tm)
+
+    @property
+    def teachers(self) -> dict[str, Teacher]:
+        return dict(self._teachers)
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.cuda()/... also move the unregistered teachers
+        super()._apply(fn, *args, **kwargs)
+        for t in self._teachers.values():
+            t._apply(fn)
+        return self
+
+    def forward(self, images: torch.Tensor) -> TeacherTargets:
+        """images [B, 3, H, W] normalised with the input statistics -> the keep set and every target."""
+        with torch.no_grad():
+            runs: dict[str, Hidden] = {}
+            for name in sorted(self._teachers, key=lambda n: n != self.mask_teacher):  # the mask teacher first
+                teacher, targets = self._teachers[name], [t for t in self.targets if t.teacher == name]
+                wanted = [w for t in targets for w in wants(t, "teacher")]
+                wanted += [("enter", b) for b in (self.mask_blocks if name == self.mask_teacher else ())]
+                if any(self.tokens[t.name].pooled for t in targets):
+                    wanted.append(("leave", vit.depth(teacher.model) - 1))
+                if wanted:  # e.g. a mask teacher under random masking with no target of its own: never run
+                    runs[name] = teacher.run(images, wanted)
+            keep = self._keep(runs, images)
+            values = {p: self._target(t, p, teacher_value(t, runs[t.teacher], p, keep, self.tokens[t.name]))
+                      for t in self.targets for p in t.pairs}
+        return TeacherTargets(keep=keep, values=values)
+
+    def _keep(self, runs: dict[str, Hidden], images: torch.Tensor) -> torch.Tensor:
+        """The keep set [B, n_keep]: from the mask teacher's patch tokens entering its mask blocks, or drawn."""
+        hiddens = []
+        if self.mask_blocks:
+            run = runs[self.mask_teacher]
+            p = vit.num_prefix(run.model)
+            hiddens = [run.entering[i][:, p:] for i in self.mask_blocks]  # [B, N, D] patch tokens per mask block
+        return masking_lib.keep_set(self.masking, hiddens, batch=images.shape[0], n=self.num_patches,
+                                    device=images.device, schedule=self.schedule)
+
+    def _target(self, t: Target, pair: Pair, v: torch.Tensor) -> torch.Tensor:
+        """A raw teacher value as the loss compares it: normalised (``t.norm``) when feature-like, relations per
+        head or averaged over heads."""
+        if not t.feature_like:
+            return head_mean(v) if self.relation_heads == "mean" else v
+        return norms.layernorm(v) if t.norm == "layernorm" else self.norms[pair.key](v)
+
+    def renormalised(self) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+        """name -> (mean, std) of each teacher that expects other input statistics than the images have."""
+        return {name: (t.mean, t.std) for name, t in self._teachers.items() if t.renorm}
