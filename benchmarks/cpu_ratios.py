@@ -5,7 +5,7 @@
 
 Models: ViT-S/16 student and two ViT-S/16 teachers (random weights; their 0.5 mean/std make the teachers
 re-normalise the input, as MAE/CLIP do), 224 px (196 patches: 34% kept at drop ratio 0.3), fp32.
-Every step is a REAL engine step (``hdcli.tools.bench.distill``). The cores are shared with other processes,
+Every step is a REAL engine step (``hdcli.bench.distill.distill``). The cores are shared with other processes,
 so the compared figures are measured next to each other and each ratio is the median, over all steps of
 all rounds, of the ratio of two neighbours: the engine alternates its steps between the method at drop
 ratio 0.3 and the same method at drop ratio 0 (``compare_drop_ratio``), and right before each drop-0.3
@@ -86,7 +86,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
-    from hdcli.tools import bench
+    from hdcli.bench import distill as bench
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()

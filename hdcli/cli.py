@@ -48,16 +48,9 @@ def root(
 ) -> None:
     _state["debug"] = debug or os.environ.get("HD_DEBUG") == "1"
     if offline:
+        from hdcli.teachers.hub import set_offline
+
         set_offline()
-
-
-def set_offline() -> None:
-    """Switch huggingface_hub to offline mode, also after it was imported (it caches the flag)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if "huggingface_hub" in sys.modules:
-        from huggingface_hub import constants
-
-        constants.HF_HUB_OFFLINE = True
 
 
 def _register() -> None:
@@ -67,16 +60,6 @@ def _register() -> None:
 
 
 _register()
-
-
-def run_in_process(argv: list[str]) -> None:
-    """``hd ...`` (argv[0] = "hd") in this interpreter; HDError propagates, a non-zero exit becomes one."""
-    try:
-        rc = app(args=argv[1:], standalone_mode=False, prog_name="hd")
-    except SystemExit as e:
-        rc = e.code
-    if rc not in (None, 0):
-        raise HDError(f"`{' '.join(argv)}` exited with status {rc}")
 
 
 def main(argv: list[str] | None = None) -> None:

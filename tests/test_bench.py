@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import TINY, tiny_vit
 
+from hdcli.bench import distill as bench
 from hdcli.errors import HDError
 from hdcli.method import HybridDistill
-from hdcli.tools import bench, flops
+from hdcli.tools import flops
 
 CLIP = "vit_base_patch16_clip_quickgelu_224"
 TINY_ARGS = ["--img-size", "32", "--patch-size", "4", "--dim", "48", "--depth", "12", "--heads", "3"]
@@ -172,7 +173,7 @@ def test_bench_data_compares_the_decode_paths_interleaved(tmp_path):
     for i, a in enumerate(load_sample_images().images):  # real photos, as JPEG files
         (tmp_path / "c").mkdir(exist_ok=True)
         Image.fromarray(a).save(tmp_path / "c" / f"{i}.jpg", quality=90)
-    from hdcli.tools import databench
+    from hdcli.bench import data as databench
 
     r = databench.data(str(tmp_path), img_size=64, batch_size=2, workers=0, batches=2, warmup=1, rounds=2,
                    step_rate=1000.0, cpu=True)

@@ -326,9 +326,3 @@ def test_compiles_as_one_graph_without_host_syncs(models, images):
     out = compiled(images)
     out.loss.backward()
     torch.testing.assert_close(out.loss, method(images).loss)
-
-
-def test_only_relations_are_compared_without_a_head():
-    from hdcli.method.targets import KINDS
-
-    assert all(k.feature_like == (name != "relations") for name, k in KINDS.items())

@@ -317,3 +317,22 @@ def test_an_unlabelled_or_unknown_eval_source_fails_in_one_line(tmp_path):
     assert not (tmp_path / "r").exists()
     r = run_hd("distill", "--eval-samples", "0,5", "--print-config")
     assert r.returncode == 2 and "eval.samples" in r.stderr
+
+
+def test_metric_names_of_older_runs_are_renamed_to_todays():
+    """Before one naming scheme, the hybrid by flags logged part/mim/..., part/feature/... and every other spelling
+    the teacher's sanitised name; hd plot reads them as today's part/<label>/... so old and new runs overlay."""
+    from hdcli.train.plots import renamed
+
+    tiny = ["random:vit_base_patch16_224.mae", "random:vit_base_patch16_clip_quickgelu_224.openai"]
+    old = [{"step": 10, "loss": 1.0, "part/mim/relations": 0.5, "share/feature/features": 0.3,
+            "attn/mim/relations/9": 0.2, "knn/vit_base_patch16_224_mae_cls": 40.0, "knn/student_cls": 30.0}]
+    assert renamed(old, (tiny, False)) == [{"step": 10, "loss": 1.0, "part/mae/relations": 0.5,
+                                            "share/clip/features": 0.3, "attn/mae/relations/9": 0.2,
+                                            "knn/mae_cls": 40.0, "knn/student_cls": 30.0}]
+    three = [*tiny, "random:vit_base_patch16_dinov3"]
+    old = [{"step": 1, "part/vit_base_patch16_224_mae/relations": 0.5, "cos/vit_base_patch16_dinov3/features": 0.1}]
+    assert renamed(old, (three, False)) == [{"step": 1, "part/mae/relations": 0.5,
+                                             "cos/vit_base_patch16_dinov3/features": 0.1}]
+    today = [{"step": 1, "part/mae/relations": 0.5, "part/clip/features": 0.4}]
+    assert renamed(today, (tiny, False)) == today and renamed(today, ([], False)) == today

@@ -104,8 +104,8 @@ def distill(
 ) -> None:
     """Time the real distillation step (hdcli.train.engine + hdcli.method) on random-weight models: images/s,
     time per part, achieved TFLOP/s (analytic FLOP count), MFU, matmul-relative efficiency, peak memory."""
+    from hdcli.bench import distill as bench
     from hdcli.errors import HDError
-    from hdcli.tools import bench
 
     names = [t.strip() for t in teachers.split(",") if t.strip()]
     if len(names) != 2:
@@ -129,7 +129,7 @@ def _print_distill(res: dict) -> None:
     from rich.table import Table
 
     from hdcli import ui
-    from hdcli.tools.timing import fmt_num
+    from hdcli.bench.timing import fmt_num
 
     c = res["config"]
     title = (f"{c['student']} ← {' + '.join(c['teachers'])} · batch {c['batch_size']} · {c['dtype']}"
@@ -211,7 +211,7 @@ def data(
     """Decode + augment throughput (METHOD.md's training crop, uint8 out) of a data source by decode path:
     images/s, per core, and the cores a GPU needs at --step-rate."""
     from hdcli import ui
-    from hdcli.tools import databench
+    from hdcli.bench import data as databench
 
     paths = tuple(p.strip() for p in decode.split(",") if p.strip())
     res = databench.data(source, img_size=img_size, batch_size=batch_size, workers=workers, batches=batches,

@@ -28,8 +28,8 @@ def plot(
     from rich.markup import escape
 
     from hdcli.errors import HDError
+    from hdcli.train.plots import plot_runs
     from hdcli.ui import info
-    from hdcli.watch.plot import plot_runs
 
     if label and len(label) != len(runs):
         raise HDError(f"{len(label)} --label for {len(runs)} runs", "give one --label per run, or none")

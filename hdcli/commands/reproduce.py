@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
         DRY_RUN=1 to print the plan, SCALE=smoke for the tiny CPU run (docs/reproduce.md).
         """
         from hdcli import ui
+        from hdcli.paper import execute as run
         from hdcli.paper import reproduce as rp
 
         p = rp.plan(target, out=out, scale=scale, gpus=gpus, nodes=nodes,
@@ -82,10 +83,10 @@ def register(app: typer.Typer) -> None:
                     mae_in100=mae_in100, detectron2_dir=detectron2_dir, mmseg_dir=mmseg_dir,
                     bench=str(bench) if bench else None, tflops=tflops)
         if dry_run:
-            ui.stdout.print(rp.format_plan(p), end="", markup=False, highlight=False, soft_wrap=True)
+            ui.stdout.print(run.format_plan(p), end="", markup=False, highlight=False, soft_wrap=True)
             return
-        from hdcli.cli import run_in_process
+        from hdcli.commands import run_in_process
 
-        counts = rp.execute(p, run_hd=run_in_process if p.scale == "smoke" else None)
+        counts = run.execute(p, run_hd=run_in_process if p.scale == "smoke" else None)
         ui.info(f"[green]{target} done[/]: {counts['ran']} stage(s) ran, {counts['done']} already done, "
                 f"{counts['skipped']} not run; report in {p.out / (target + '.md')}")

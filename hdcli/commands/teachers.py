@@ -61,7 +61,7 @@ def fetch_teachers(
     [bold]HF_HUB_OFFLINE=1[/] (or [bold]hd --offline[/]) on a copy of that cache (docs/teachers.md).
     """
     if offline:
-        from hdcli.cli import set_offline
+        from hdcli.teachers.hub import set_offline
 
         set_offline()  # before huggingface_hub is imported below
     from hdcli import teachers

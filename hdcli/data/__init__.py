@@ -8,6 +8,7 @@ One module a job (docs/design.md):
 - :mod:`~hdcli.data.records`: random-access records of a split of the map-style sources (demo, folders, ...);
 - :mod:`~hdcli.data.shards`: WebDataset shard files of a split and their counts;
 - :mod:`~hdcli.data.catalogue`: what a source holds (splits, classes, counts, sample images, the batch check);
+- :mod:`~hdcli.data.plan`: which samples each rank gets each epoch, the bad-image budget;
 - :mod:`~hdcli.data.loaders`: per-rank batches (``build_loader``), seeded per sample, bad images counted;
 - :mod:`~hdcli.data.writer`: ``hd data shards``.
 
@@ -23,19 +24,16 @@ from hdcli.data.catalogue import (
     num_samples,
     sample_images,
 )
-from hdcli.data.decode import CropSampler, EncodedBatch, EncodedCrop, TrainCrop
+from hdcli.data.decode import CropSampler, EncodedBatch, EncodedCrop, TrainCrop, augment, decode_path
 from hdcli.data.loaders import (
     Loader,
     MapLoader,
     ShardLoader,
-    augment,
     augmented_loader,
     build_loader,
-    decode_path,
     default_num_workers,
-    plan_batches,
-    steps_per_epoch,
 )
+from hdcli.data.plan import plan_batches, steps_per_epoch
 from hdcli.data.records import (
     FASHION_MNIST_CLASSES,
     ArrayRecords,

@@ -23,7 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hdcli.config.schema import DECODE  # noqa: F401  (one list of the paths: the config's)
+from hdcli.config.schema import DECODE  # one list of the paths: the config's
+from hdcli.data.source import parse_source
+from hdcli.data.transforms import train_transform
+from hdcli.errors import HDError
 
 
 def decode_jpeg(data, device: str | torch.device = "cpu"):
@@ -253,3 +256,22 @@ def crop_resize(img: torch.Tensor, c: Crop, size: int) -> torch.Tensor:
     x = TF.resize(img[:, c.top:c.top + c.height, c.left:c.left + c.width], [size, size],
                   interpolation=InterpolationMode.BICUBIC, antialias=True)
     return x.flip(-1) if c.flip else x
+
+
+def decode_path(decode: str, cuda: bool, source=None) -> str:
+    """``data.decode`` resolved: ``auto`` is ``gpu`` when the batches go to a CUDA device and the source holds
+    files (folders, shards), else ``cpu`` (the built-in sets are in-memory arrays: nothing to decode)."""
+    if decode not in DECODE:
+        raise HDError(f"unknown data.decode {decode!r}", f"choose one of {', '.join(DECODE)}")
+    if decode == "auto":
+        return "gpu" if cuda and parse_source(source).kind in ("folder", "shards") else "cpu"
+    return decode
+
+
+def augment(img_size: int, *, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, decode: str = "cpu"):
+    """METHOD.md's augmentation by the decode path ``decode`` (``cpu``, ``pil`` or ``gpu``; hdcli.data.decode)."""
+    if decode == "gpu":
+        return EncodedCrop(img_size, scale=scale, hflip=hflip)
+    if decode == "cpu":
+        return TrainCrop(img_size, scale=scale, hflip=hflip)
+    return train_transform(img_size, scale=scale, hflip=hflip)

@@ -12,8 +12,9 @@ from functools import lru_cache
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from hdcli.teachers.registry import STATS
+
+IMAGENET_MEAN, IMAGENET_STD = STATS["imagenet"]  # what every student is trained on (METHOD.md)
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure helpers

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from hdcli.errors import HDError, did_you_mean
@@ -26,7 +25,7 @@ from hdcli.method.losses import BETA, LOSSES
 from hdcli.method.masking import Masking
 from hdcli.method.names import RELATION_HEADS, paper_blocks
 from hdcli.method.targets import KINDS, Hidden, Pair, Target, head_mean, student_value, wants
-from hdcli.method.teacher import TeacherPass, TeacherTargets
+from hdcli.method.teacher import IMAGENET_MEAN, IMAGENET_STD, TeacherPass, TeacherTargets
 from hdcli.models import vit
 
 
@@ -76,8 +75,8 @@ class Distiller(nn.Module):
     def __init__(self, student: nn.Module, teachers: Mapping[str, nn.Module], targets: Sequence[Target],
                  mask_teacher: str | None = None, mask_blocks: Sequence[int] = paper_blocks().mask,
                  drop_ratio: float = 0.3, masking: str = "progressive", beta: float = BETA,
-                 relation_heads: str = "match", input_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                 input_std: Sequence[float] = IMAGENET_DEFAULT_STD):
+                 relation_heads: str = "match", input_mean: Sequence[float] = IMAGENET_MEAN,
+                 input_std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         vit.check_vit(student, "the student")
         if not targets:

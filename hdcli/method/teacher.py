@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from hdcli.errors import HDError, did_you_mean
@@ -31,6 +30,9 @@ from hdcli.method.targets import (
     wants,
 )
 from hdcli.models import vit
+from hdcli.teachers.registry import STATS
+
+IMAGENET_MEAN, IMAGENET_STD = STATS["imagenet"]  # what the images are normalised with (METHOD.md)
 
 
 def renorm_affine(mean_in, std_in, mean_t, std_t) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +47,8 @@ class Teacher(nn.Module):
     timm's distillation task lets the teacher own its input normalisation), a resize so that its token grid
     equals the student's (a /14 teacher for a /16 student), and a cast to its parameters' dtype."""
 
-    def __init__(self, model: nn.Module, name: str, grid: tuple[int, int], mean_in=IMAGENET_DEFAULT_MEAN,
-                 std_in=IMAGENET_DEFAULT_STD):
+    def __init__(self, model: nn.Module, name: str, grid: tuple[int, int], mean_in=IMAGENET_MEAN,
+                 std_in=IMAGENET_STD):
         super().__init__()
         vit.check_vit(model, f"teacher {name!r}")
         model.requires_grad_(False).eval()
@@ -54,8 +56,8 @@ class Teacher(nn.Module):
         self.name = name
         self.img_size = vit.fit_grid(model, grid)
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        self.mean = tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN))
-        self.std = tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
+        self.mean = tuple(cfg.get("mean", IMAGENET_MEAN))
+        self.std = tuple(cfg.get("std", IMAGENET_STD))
         self.renorm = self.mean != tuple(mean_in) or self.std != tuple(std_in)
         scale, shift = renorm_affine(mean_in, std_in, self.mean, self.std)
         self.register_buffer("scale", scale, persistent=False)
@@ -103,7 +105,7 @@ class TeacherPass(nn.Module):
 
     def __init__(self, teachers: Mapping[str, nn.Module], targets: Sequence[Target], *, grid: tuple[int, int],
                  student_roles: Sequence[str], masking: masking_lib.Masking, mask_teacher: str | None = None,
-                 relation_heads: str = "match", input_mean=IMAGENET_DEFAULT_MEAN, input_std=IMAGENET_DEFAULT_STD):
+                 relation_heads: str = "match", input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD):
         super().__init__()
         self.targets = tuple(targets)
         self.masking, self.mask_teacher, self.relation_heads = masking, mask_teacher, relation_heads

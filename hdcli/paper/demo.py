@@ -410,7 +410,7 @@ def watch_section(out: Path, scale: Scale) -> list[str]:
 def knn_table(run: Path) -> list[str]:
     """The k-NN numbers of a distill run's metrics.jsonl as markdown lines: the student at each evaluation, then
     the teachers (recorded once)."""
-    from hdcli.watch.plot import read_metrics
+    from hdcli.train.plots import read_metrics
 
     try:
         recs = read_metrics(run)

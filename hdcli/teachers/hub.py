@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,15 @@ from hdcli.teachers.registry import (
     TeacherSpec,
     resolve,
 )
+
+
+def set_offline() -> None:
+    """Switch huggingface_hub to offline mode (``hd --offline``), also after it was imported (it caches the flag)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
 
 
 def default_cache_dir() -> Path:

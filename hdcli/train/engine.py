@@ -270,7 +270,7 @@ def to_device(batch, device: torch.device):
 
 def _plot(run_dir: Path) -> None:
     """<run>/plots/*.png at the end of a run; a failure to plot is a warning, never a lost run."""
-    from hdcli.watch import plot
+    from hdcli.train import plots as plot
 
     try:
         written = plot.plot_runs([run_dir])

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from hdcli.tools.timing import TORCH_DTYPES, autocast, median_ms, sync
+from hdcli.bench.timing import TORCH_DTYPES, autocast, median_ms, sync
 
 PARTS = ("mim_teacher", "feat_teacher", "student", "optimizer")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hdcli.errors import HDError
-from hdcli.rundir import METRICS
+from hdcli.rundir import CONFIG, METRICS
 
 PLOTS = "plots"  # <run>/plots/
 
@@ -55,7 +55,8 @@ PANELS = (
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The records of ``<run>/metrics.jsonl`` (unreadable lines, e.g. a half-written last one, skipped)."""
+    """The records of ``<run>/metrics.jsonl`` (unreadable lines, e.g. a half-written last one, skipped), with the
+    metric names of a run written before hd named targets by their teachers' labels renamed (:func:`renamed`)."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         raise HDError(f"{run_dir} has no {METRICS}", "give the --out directory of an hd distill/finetune/pretrain run")
@@ -67,7 +68,59 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
             continue
         if isinstance(rec, dict) and isinstance(rec.get("step"), int | float):
             out.append(rec)
-    return out
+    return renamed(out, _teachers_of(Path(run_dir)))
+
+
+def _teachers_of(run_dir: Path) -> tuple[list[str], bool]:
+    """(distill.teachers, whether the run listed explicit targets) of a distillation run dir, else ([], False)."""
+    import tomllib
+
+    try:
+        dc = tomllib.loads((run_dir / CONFIG).read_text()).get("distill", {})
+    except (OSError, ValueError):
+        return [], False
+    return [str(t) for t in dc.get("teachers", [])], bool(dc.get("targets"))
+
+
+def renamed(records: list[dict], teachers: tuple[list[str], bool]) -> list[dict]:
+    """Today's metric names for the records of a run written before one naming scheme (docs/distill.md "Metric
+    names"): then the hybrid by flags named its teachers ``mim``/``feature`` and every other spelling named a
+    teacher after its sanitised name (``vit_base_patch16_224_mae``), now both use the teacher's label (``mae``).
+    ``teachers``: the run's ``distill.teachers`` and whether it listed ``[[distill.targets]]``."""
+    import re
+
+    from hdcli.teachers.registry import RANDOM, labels
+
+    names, explicit = teachers
+    if not names:
+        return records
+    new = labels(names)
+
+    def old_key(name: str) -> str:  # what hd called a teacher before (tasks/distill.teacher_key)
+        return re.sub(r"[^A-Za-z0-9_-]+", "_", name.removeprefix(RANDOM)).strip("_")
+
+    old = ["mim", "feature"] if len(names) == 2 and not explicit else [old_key(n) for n in names]
+    swap = {o: n for o, n in zip(old, new, strict=True) if o != n}
+    knn = {old_key(n): lab for n, lab in zip(names, new, strict=True) if old_key(n) != lab and "/" not in n}
+    if not swap and not knn:
+        return records
+    signal = re.compile(r"^(part|share|cos|attn)/([^/]+)/(.*)$")
+    only_new = set(new) - set(old)
+    if not only_new or any((m := signal.match(k)) and m.group(2) in only_new for r in records for k in r):
+        return records  # written with today's names (or the two schemes cannot be told apart)
+
+    def name(key: str) -> str:
+        m = signal.match(key)
+        if m and m.group(2) in swap:
+            return f"{m.group(1)}/{swap[m.group(2)]}/{m.group(3)}"
+        if key.startswith("knn/"):
+            head, _, pool = key[4:].rpartition("_")
+            return f"knn/{knn[head]}_{pool}" if head in knn else key
+        return key
+
+    if not any(name(k) != k for r in records for k in r):
+        return records
+    return [{name(k): v for k, v in r.items()} for r in records]
 
 
 def series(records: Sequence[dict], key: str) -> tuple[list[float], list[float]]:

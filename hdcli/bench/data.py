@@ -11,8 +11,8 @@ import time
 
 import torch
 
+from hdcli.bench.timing import device_name, loadavg, sync
 from hdcli.errors import HDError, did_you_mean
-from hdcli.tools.timing import device_name, loadavg, sync
 
 DATA_PATHS = ("pil", "cpu", "gpu")
 
