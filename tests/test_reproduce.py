@@ -12,6 +12,7 @@ import pytest
 
 from hdcli.config import DistillConfig, load_config
 from hdcli.errors import HDError
+from hdcli.paper import execute
 from hdcli.paper import reproduce as rp
 from hdcli.paper.report import fmt_diff, load_paper, read_detectron2, read_mmseg, record, report, runs_of
 from hdcli.tools import flops
@@ -138,7 +139,7 @@ def test_distill_flops_equals_the_flop_model_of_the_hybrid_step():
 
 def test_dry_run_lists_distill_finetune_and_export_for_every_table1_row(tmp_path):
     p = rp.plan("table1", out=tmp_path, data={"in1k": "/data/in1k", "in21k": "/data/in21k"}, gpus=8)
-    text = rp.format_plan(p)
+    text = execute.format_plan(p)
     stages = {}
     for s in p.steps:
         stages.setdefault(s.run, []).append(s.stage)
@@ -167,7 +168,7 @@ def test_bench_json_sets_the_tflops_of_the_estimate(tmp_path):
     fast = rp.plan("table2", out=tmp_path, gpus=8, only=["hybrid-mae-clip-vitb"], bench=str(bench))
     slow = rp.plan("table2", out=tmp_path, gpus=8, only=["hybrid-mae-clip-vitb"], tflops=50.0)
     h = [next(s.gpu_hours for s in p.steps if s.stage == "distill") for p in (fast, slow)]
-    assert math.isclose(h[1], 2 * h[0]) and "NVIDIA H100" in rp.format_plan(fast)
+    assert math.isclose(h[1], 2 * h[0]) and "NVIDIA H100" in execute.format_plan(fast)
 
 
 def test_a_finished_stage_is_marked_done_and_skipped(tmp_path):
@@ -176,21 +177,21 @@ def test_a_finished_stage_is_marked_done_and_skipped(tmp_path):
     student.write_bytes(b"")
     p = rp.plan("table1", out=tmp_path, gpus=8, only=["hybrid-mae-clip-vitb"])
     distill = next(s for s in p.steps if s.stage == "distill")
-    assert distill.is_done and re.search(r"^\[distill\] [\d.,]+ GPU-h \| done, skipped$", rp.format_plan(p), re.M)
+    assert distill.is_done and re.search(r"^\[distill\] [\d.,]+ GPU-h \| done, skipped$", execute.format_plan(p), re.M)
     assert not next(s for s in p.steps if s.stage == "finetune:in1k").is_done
 
 
 def test_missing_data_variable_stops_before_anything_runs(tmp_path):
     p = rp.plan("table2", out=tmp_path / "out", gpus=8, data={"in1k": str(tmp_path)})
     with pytest.raises(HDError, match="DATA_CIFAR"):
-        rp.execute(p)
+        execute.execute(p)
     assert not (tmp_path / "out").exists()
 
 
 def test_smoke_and_full_runs_never_share_an_out_dir(tmp_path):
     (tmp_path / "reproduce.json").write_text(json.dumps({"scale": "smoke"}))
     with pytest.raises(HDError, match="SCALE=smoke"):
-        rp.execute(rp.plan("table1", out=tmp_path, gpus=8, data={"in1k": str(tmp_path)}))
+        execute.execute(rp.plan("table1", out=tmp_path, gpus=8, data={"in1k": str(tmp_path)}))
 
 
 def test_weak_mae_row_needs_its_teacher_and_renames_it_in_the_command(tmp_path):
