@@ -66,6 +66,10 @@ run() {  # run NAME TIMEOUT_S ARGS...  (the timeout is cut to what is left of BU
 run eager_keep34 100 --drop-ratio 0.3 --warmup 5 --reference
 run eager_keep100 90 --drop-ratio 0 --warmup 5
 run syncs_keep34 60 --drop-ratio 0.3 --warmup 3 --steps 3 --sync-debug --no-breakdown --no-gemm
+# paying for the teachers once (issue 25): two students from one teacher pass against their single steps, and
+# the teachers at fp32 against the default (auto = bf16 teachers on CUDA, as eager_keep34 ran)
+run students2 100 --drop-ratio 0.3 --warmup 3 --steps 8 --students 2 --no-breakdown --no-gemm
+run teachers_fp32 60 --drop-ratio 0.3 --warmup 3 --steps 8 --teacher-dtype fp32 --no-breakdown --no-gemm
 run compiled_keep34 200 --drop-ratio 0.3 --warmup 8 $COMPILE
 run compiled_keep100 200 --drop-ratio 0 --warmup 8 $COMPILE
 
@@ -163,6 +167,13 @@ if a and z:
                  f"{a['flops_per_image']['total'] / z['flops_per_image']['total']:.3f})")
     extra.append(f"- eager step / sum of parts: {a['step_over_parts']:.3f}; MIM teacher / plain timm blocks: "
                  f"{a.get('mim_over_timm', float('nan')):.3f}; {a['config']['dtype']} matmul {a['gemm_tflops']:.1f} TFLOP/s")
+st, t32 = runs.get("students2"), runs.get("teachers_fp32")
+if st and "students" in st:
+    extra.append(f"- two students from one teacher pass / the sum of their single steps: "
+                 f"{st['students']['step_over_single_sum']:.3f} (FLOP model {st['students']['flop_model']:.3f})")
+if a and t32:
+    extra.append(f"- teachers {a['config']['teacher_dtype']} (the default) / fp32: step {a['step_ms'] / t32['step_ms']:.3f}, "
+                 f"teacher parameters {a['teacher_param_bytes'] / 2**20:,.0f} / {t32['teacher_param_bytes'] / 2**20:,.0f} MiB")
 ca, cz = runs.get("compiled_keep34"), runs.get("compiled_keep100")
 if ca and cz:
     extra.append(f"- compiled step keep 34% / keep 100%: {ca['step_ms'] / cz['step_ms']:.3f}")

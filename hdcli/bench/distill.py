@@ -72,6 +72,8 @@ class DistillBench:
     compare_drop_ratio: float | None = None  # alternate engine steps with a method at this drop ratio
     signals: bool = False  # alternate engine steps with and without the per-target signals (logged steps)
     data: str | None = None  # alternate engine steps fed by this source's real loader and by the synthetic batch
+    students: int = 1  # N > 1: N students of the student arch, their step alternating with each one's single step
+    teacher_dtype: str = "auto"  # distill.teacher_dtype: the teachers' own precision
     workers: int | None = None  # data workers of the real loader (default: hdcli.data.default_num_workers)
     decode: str = "auto"  # data.decode of the real loader
     gemm: bool = True
@@ -83,7 +85,10 @@ class DistillBench:
 
     @property
     def per(self) -> int:
-        """Engine steps per timed pair: 2 when steps alternate (a drop-ratio comparison or the signals), else 1."""
+        """Engine steps per timed group: 2 when steps alternate (a drop-ratio comparison, the signals, real data),
+        N + 1 with N students (all of them, then each alone), else 1."""
+        if self.students > 1:
+            return self.students + 1
         return 2 if self.compare_drop_ratio is not None or self.signals or self.data is not None else 1
 
     def overrides(self) -> dict:
@@ -137,8 +142,15 @@ def _check(b: DistillBench, device: torch.device) -> None:
         raise HDError(f"unknown --relation-heads {b.relation_heads!r}", did_you_mean(b.relation_heads, heads))
     if b.compare_drop_ratio is not None:
         check_drop_ratio(b.compare_drop_ratio)
-    if sum((b.compare_drop_ratio is not None, b.signals, b.data is not None)) > 1:
-        raise HDError("--compare-drop-ratio, --signals and --data each alternate the steps", "give one of them")
+    if sum((b.compare_drop_ratio is not None, b.signals, b.data is not None, b.students > 1)) > 1:
+        raise HDError("--compare-drop-ratio, --signals, --data and --students each alternate the steps",
+                      "give one of them")
+    if b.students < 1:
+        raise HDError(f"--students must be at least 1, got {b.students}")
+    from hdcli.method.names import TEACHER_DTYPES
+
+    if b.teacher_dtype not in TEACHER_DTYPES:
+        raise HDError(f"unknown --teacher-dtype {b.teacher_dtype!r}", did_you_mean(b.teacher_dtype, TEACHER_DTYPES))
     if b.reference_reps < 1:
         raise HDError(f"reference_reps must be at least 1, got {b.reference_reps}")
     if b.gemm_size is not None and b.gemm_size < 1:
@@ -194,6 +206,9 @@ def _config(b: DistillBench, mim_arch: str, feat_arch: str):
     d.drop_ratio = b.drop_ratio
     d.masking = b.masking
     d.relation_heads = heads
+    d.teacher_dtype = b.teacher_dtype
+    if b.students > 1:
+        d.students = [{"name": f"s{i}", "arch": b.student} for i in range(b.students)]
     validate(cfg)
     return cfg
 
@@ -210,6 +225,8 @@ def distill(b: DistillBench) -> dict:
     cuda = torch.cuda.is_available() and not b.cpu
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     b.dtype = b.dtype or ("bf16" if cuda else "fp32")
+    if b.teacher_dtype == "auto":  # hd distill's default, resolved so that the record says what ran
+        b.teacher_dtype = "bf16" if cuda else "fp32"
     b.batch_size = (64 if cuda else 8) if b.batch_size is None else b.batch_size
     b.steps = (20 if cuda else 3) if b.steps is None else b.steps
     b.warmup = (5 if cuda else 1) if b.warmup is None else b.warmup
@@ -247,6 +264,8 @@ def distill(b: DistillBench) -> dict:
             key = f"{os.path.relpath(warning.filename)}:{warning.lineno}"
             where[key] = where.get(key, 0) + 1
         result["host_syncs"] = {"per_step": len(syncs) / b.steps, "where": where}
+    result["teacher_param_bytes"] = sum(p.numel() * p.element_size() for m in method.teachers.values()
+                                        for p in m.parameters())
     result["flops_per_image"] = model.as_dict()
     result["gflops_per_image"] = model.total / 1e9
     if b.data is not None:
@@ -263,6 +282,20 @@ def distill(b: DistillBench) -> dict:
         # a run computes them on one step in log_every (default 50): that step's extra time, spread over them
         result["signals"] = {"step_ms": median_ms(other_s), "signals_step_over_step": ratio,
                              "overhead_at_log_every_50": (ratio - 1) / 50}
+    elif b.students > 1:
+        singles = [[clock.step(i) for i in range(w.first + k, w.last, per)] for k in range(1, per)]
+        samples.update({f"single_{k}_step": [1e3 * x for x in v] for k, v in enumerate(singles)})
+        one = flops.of_method(method)  # one student with its teachers; N students share the teachers
+        n_flops = one.teachers + b.students * one.student
+        result["students"] = {
+            "n": b.students, "single_step_ms": [median_ms(v) for v in singles],
+            # the N-student step against the N single-student steps around it, same load: median of the ratios
+            "step_over_single_sum": statistics.median(x / sum(ys) for x, *ys in zip(step_s, *singles, strict=True)),
+            "flop_model": n_flops / (b.students * one.total)}
+        model = flops.StepFlops(one.mim_teacher, one.feat_teacher, b.students * one.student_fwd,
+                                b.students * one.student_bwd, b.students * one.loss, one.n_patches, one.n_keep)
+        tflops = model.total * b.batch_size / (step_ms / 1e3) / 1e12
+        result.update(tflops=tflops)
     elif per == 2:
         other_s = [clock.step(i) for i in range(w.first + 1, w.last, 2)]
         samples["compare_step"] = [1e3 * x for x in other_s]
@@ -313,7 +346,8 @@ def _record(b: DistillBench, cfg, w: Window, method, archs: tuple[str, str], *, 
         "drop_ratio": b.drop_ratio, "masking": b.masking, "n_patches": method.num_patches, "n_keep": method.n_keep,
         "keep_fraction": method.n_keep / method.num_patches, "relation_blocks": list(cfg.distill.relation_blocks),
         "mask_blocks": list(cfg.distill.mask_blocks), "relation_heads": cfg.distill.relation_heads,
-        "dtype": b.dtype, "compile": b.compile, "steps": b.steps, "warmup": b.warmup,
+        "dtype": b.dtype, "teacher_dtype": b.teacher_dtype, "students": b.students, "compile": b.compile,
+        "steps": b.steps, "warmup": b.warmup,
         "step_time": "median over steps" if w.per_step else "mean over the window (synchronised at its ends)",
         "interleaved": bool(w.interleave and w.extras),
         "ratios": "medians of ratios of neighbouring measurements" if w.interleave else "ratios of medians",

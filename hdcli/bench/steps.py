@@ -87,6 +87,28 @@ class Alternate(torch.nn.Module):
         return (self.b if self.which else self.a)(images, detail=detail)
 
 
+class OneOrAll(torch.nn.Module):
+    """Several students (``method.students.Students``): ``which`` 0 runs them all from one teacher pass, k runs
+    student k-1 alone with its own teacher pass (its single-student step)."""
+
+    def __init__(self, students):
+        super().__init__()
+        self.students = students
+        self.which = 0
+
+    @property
+    def members(self):
+        return self.students.members
+
+    @property
+    def teachers(self):
+        return self.students.teachers
+
+    def forward(self, images, detail: bool = False):
+        only = None if self.which == 0 else list(self.students.members)[self.which - 1]
+        return self.students(images, detail=detail, only=only)
+
+
 def bench_task(cfg, batch, clock: Clock, *, stop_at: int, sync_every: bool, sync_at: set[int],
                 between: Callable[[object, int], None] | None = None, which: Callable[[int], int] | None = None,
                 compare_drop_ratio: float | None = None, signals: bool = False, real_data: bool = False,
@@ -106,6 +128,9 @@ def bench_task(cfg, batch, clock: Clock, *, stop_at: int, sync_every: bool, sync
         def __init__(self, cfg):
             super().__init__(cfg)
             self.method = self.model
+            if self.members:  # several students: the parts and the FLOP model are one student's
+                self.method = next(iter(self.model.members.values()))
+                self.model = OneOrAll(self.model)
             if compare_drop_ratio is not None:
                 dc = copy.deepcopy(cfg.distill)
                 dc.drop_ratio = compare_drop_ratio
@@ -193,7 +218,8 @@ def run_engine(b, cfg, batch, w: Window):
     debug = w.cuda and b.sync_debug
     make, holder = bench_task(cfg, batch, clock, stop_at=w.last, sync_every=w.per_step, sync_at={w.first, w.last},
                                between=between if w.interleave and w.extras else None,
-                               which=(lambda i: i % 2) if b.compare_drop_ratio is not None else None,
+                               which=(lambda i: i % 2) if b.compare_drop_ratio is not None else
+                               (lambda i: i % w.per) if b.students > 1 else None,
                                compare_drop_ratio=b.compare_drop_ratio, signals=b.signals,
                                real_data=b.data is not None,
                                debug_from=w.first if debug else None)

@@ -44,6 +44,12 @@ def distill(
     signals: Annotated[bool, typer.Option(
         "--signals", help="Alternate the engine's steps with and without the per-target signals (a logged step "
         "of hd distill) and report their ratio and its overhead at --log-every 50.", rich_help_panel=RUN_PANEL)] = False,
+    students: Annotated[int, typer.Option(
+        "--students", help="N > 1: N students of --student from one teacher pass; steps alternate the N-student "
+        "step with each student's single step (reports their ratio).", rich_help_panel=RUN_PANEL)] = 1,
+    teacher_dtype: Annotated[str, typer.Option(
+        "--teacher-dtype", help="auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16: the teachers' own "
+        "precision (their parameter bytes are reported).", rich_help_panel=RUN_PANEL)] = "auto",
     data: Annotated[str | None, typer.Option(
         "--data", help="Also feed the real step from this source's loader (anything hd distill --data takes): "
         "steps alternate real and synthetic batches; reports whether the step waited for data.",
@@ -112,8 +118,8 @@ def distill(
         raise HDError(f"--teachers needs two names (MIM teacher first), got {teachers!r}", "e.g. --teachers mae,clip")
     cfg = bench.DistillBench(
         student=student, teachers=(names[0], names[1]), batch_size=batch_size, drop_ratio=drop_ratio,
-        masking=masking, compare_drop_ratio=compare_drop_ratio, signals=signals,
-        data=data, workers=data_workers, decode=decode, dtype=dtype, compile=compile,
+        masking=masking, compare_drop_ratio=compare_drop_ratio, signals=signals, students=students,
+        teacher_dtype=teacher_dtype, data=data, workers=data_workers, decode=decode, dtype=dtype, compile=compile,
         steps=steps, warmup=warmup, img_size=img_size,
         patch_size=patch_size, depth=depth, dim=dim, heads=heads, relation_heads=relation_heads, cpu=cpu,
         peak_tflops=peak, breakdown=breakdown, reference=reference, gemm=gemm, gemm_size=gemm_size,
@@ -152,6 +158,13 @@ def _print_distill(res: dict) -> None:
                   f"keep {cmp['n_keep']}/{c['n_patches']}, {cmp['gflops_per_image']:.2f} GFLOP/image")
         t.add_row("  step / that step", f"{cmp['step_over_compare']:.3f}",
                   f"FLOP model {res['gflops_per_image'] / cmp['gflops_per_image']:.3f}; neighbouring steps")
+    if "students" in res:
+        st = res["students"]
+        t.add_row("single-student steps", ", ".join(f"{x:.1f}" for x in st["single_step_ms"]) + " ms",
+                  "each student with its own teacher pass")
+        t.add_row(f"  {st['n']} students / sum of singles", f"{st['step_over_single_sum']:.3f}",
+                  f"FLOP model {st['flop_model']:.3f}; neighbouring steps")
+    t.add_row("teacher parameters", f"{res['teacher_param_bytes'] / 2**20:,.1f} MiB", c["teacher_dtype"])
     if "data" in res:
         d = res["data"]
         t.add_row("step, synthetic batch", f"{d['synthetic_step_ms']:.1f} ms", "neighbouring steps")

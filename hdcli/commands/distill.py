@@ -30,6 +30,9 @@ OPTIONS = (
         "or more feature teachers: registry names (mae, clip, dinov3, siglip2, ...), timm tags, local-dir:PATH, or "
         "random:ARCH (smoke runs) (default: {default}).", MODEL),
     Opt("student.arch", ("--student",), "Student timm architecture.", MODEL, name="student"),
+    Opt("distill.students", ("--students",), "Several students from one teacher pass, comma-separated timm archs "
+        "(each as a run of its own with --student; [[distill.students]] in a recipe sets their own lr, kwargs, ...; "
+        "docs/scale.md).", MODEL),
     Opt("data.img_size", ("--img-size",), "Input resolution.", MODEL, int),
     Opt("student.patch_size", ("--patch-size",), "Student patch size (tiny runs) (default: the architecture's).",
         MODEL, int),
@@ -42,6 +45,8 @@ OPTIONS = (
     Opt("distill.masking", ("--masking",), "progressive | direct | random | none.", METHOD),
     Opt("distill.alpha", ("--alpha",), "Weight of the relation loss.", METHOD, float),
     Opt("distill.relation_heads", ("--relation-heads",), "match | mean (average relations over heads).", METHOD),
+    Opt("distill.teacher_dtype", ("--teacher-dtype",), "auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16: "
+        "the teachers' weights and compute, whatever --mixed-precision says.", METHOD),
     Opt("distill.target_norm", ("--target-norm",), "layernorm (the paper) | standardize (running per-channel, "
         "UNIC) | phis (PHI-S, AM-RADIO): how feature targets are normalised.", METHOD),
     DATA_SOURCE, *DATA_OPTS,

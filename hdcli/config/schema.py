@@ -14,7 +14,7 @@ from typing import Any
 
 from hdcli.config.loading import load_config
 from hdcli.errors import HDError, did_you_mean
-from hdcli.method.names import MASKING, RELATION_HEADS, paper_blocks
+from hdcli.method.names import MASKING, RELATION_HEADS, TEACHER_DTYPES, paper_blocks
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "wandb")
@@ -157,6 +157,10 @@ class MethodConfig:
     mask_teacher: str | None = None  # general form only: the teacher choosing kept tokens (default teachers[0])
     targets: list[dict] = field(default_factory=list)  # general form: [{teacher, kind, blocks, weight}, ...]
     target_norm: str = "layernorm"  # layernorm (paper) | standardize (UNIC) | phis (AM-RADIO): feature targets' default
+    teacher_dtype: str = "auto"  # the teachers' precision: auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16
+    # several students from one teacher pass (docs/scale.md): names of timm archs, or tables with any of
+    # STUDENT_KEYS ({arch, name, kwargs, blr, ...}); each trains as its own single-student run would
+    students: list[dict | str] | None = None
     # a target's keys: hdcli.method.targets.Target (teacher, kind, blocks, weight, student_blocks, name, norm, ...)
 
     def validate(self) -> None:
@@ -166,6 +170,7 @@ class MethodConfig:
             raise HDError(f"distill.drop_ratio must lie in [0, 1), got {self.drop_ratio}")
         _choice(self.masking, MASKING, "distill.masking")
         _choice(self.relation_heads, RELATION_HEADS, "distill.relation_heads")
+        _choice(self.teacher_dtype, TEACHER_DTYPES, "distill.teacher_dtype")
         if self.alpha < 0 or not self.beta > 0:
             raise HDError(f"distill.alpha must be ≥ 0 and distill.beta > 0, got {self.alpha}, {self.beta}")
         for what in ("relation_blocks", "mask_blocks", "student_relation_blocks"):
@@ -228,6 +233,57 @@ class DistillConfig:
 
     # what defines the method and the model: a resume may not change it (``--allow-config-change``)
     IDENTITY = ("student", "distill", "data.img_size")
+
+    def validate(self) -> None:
+        if self.distill.students is not None:
+            student_configs(self)  # each student's own config, validated as a run of its own
+            if self.train.mixed_precision == "fp16":
+                raise HDError("several students train with their own optimisers, which fp16's one loss scaler cannot "
+                              "serve", "use --mixed-precision bf16 (or no)")
+
+
+# a [[distill.students]] entry's keys -> the config key of its single-student run they set
+STUDENT_KEYS = {"arch": "student.arch", "patch_size": "student.patch_size", "kwargs": "student.kwargs",
+                "drop_path": "student.drop_path", "blr": "optim.blr", "lr": "optim.lr",
+                "weight_decay": "optim.weight_decay", "drop_ratio": "distill.drop_ratio",
+                "relation_blocks": "distill.student_relation_blocks"}
+
+
+def student_configs(cfg: DistillConfig) -> list[tuple[str, DistillConfig]]:
+    """The students of a several-students run (``distill.students``), each with the config of the single-student
+    run it equals: ``[student]``, ``[optim]`` and ``[distill]`` with the entry's keys (``STUDENT_KEYS``) over them.
+    A name (default: its arch) names ``<run>/students/<name>/``. HDError naming the entry at fault."""
+    import copy
+
+    from hdcli.config.loading import apply_overrides, validate
+
+    entries = cfg.distill.students
+    if not entries:
+        raise HDError("distill.students is empty", "name one or more student archs (--students vit_small_patch16_224,"
+                      "vit_base_patch16_224), or leave it out for one student ([student])")
+    out: list[tuple[str, DistillConfig]] = []
+    for i, entry in enumerate(entries):
+        where = f"distill.students[{i}]"
+        entry = {"arch": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict):
+            raise HDError(f"{where} must be an arch name or a table, got {entry!r}", "e.g. {arch = \"vit_small_patch16_224\"}")
+        for k in entry:
+            if k not in (*STUDENT_KEYS, "name"):
+                raise HDError(f"unknown key {where}.{k}", did_you_mean(k, (*STUDENT_KEYS, "name")))
+        one = copy.deepcopy(cfg)
+        one.distill.students = None
+        try:
+            apply_overrides(one, {STUDENT_KEYS[k]: v for k, v in entry.items() if k != "name"})
+            validate(one)
+        except HDError as e:
+            raise HDError(f"{where}: {e.problem}", e.hint) from None
+        name = str(entry.get("name", one.student.arch))
+        if not name or any(c in name for c in "/\\") or name.startswith("."):
+            raise HDError(f"{where}.name {name!r} cannot name a directory", "use letters, digits, '-', '_' or '.'")
+        if name in (n for n, _ in out):
+            raise HDError(f"two students are named {name!r}", f"give {where} its own name = \"...\"")
+        out.append((name, one))
+    return out
 
 
 # ---------------------------------------------------------------- hd finetune

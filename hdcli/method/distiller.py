@@ -66,6 +66,10 @@ class Distiller(nn.Module):
         beta: SmoothL1 beta (2.0, as FD and dBOT).
         relation_heads: "match" (head counts must agree) or "mean" (relations averaged over heads).
         input_mean, input_std: the statistics the input images are normalised with (ImageNet).
+        teacher_dtype: the teachers' precision (their weights are cast to it); None keeps them as they are.
+        teacher_pass: an existing :class:`~hdcli.method.teacher.TeacherPass` over the same teachers and targets
+            to use instead of building one (several students sharing one: it is then held, not registered, so
+            its owner, e.g. :class:`~hdcli.method.students.Students`, keeps its statistics in ``state_dict``).
 
     ``forward(images, detail=False)`` returns a :class:`DistillOutput`; with ``detail`` it also holds the per-target
     signals, computed under ``no_grad`` from the step's own tensors. The module never changes dtype or enters
@@ -76,7 +80,8 @@ class Distiller(nn.Module):
                  mask_teacher: str | None = None, mask_blocks: Sequence[int] = paper_blocks().mask,
                  drop_ratio: float = 0.3, masking: str = "progressive", beta: float = BETA,
                  relation_heads: str = "match", input_mean: Sequence[float] = IMAGENET_MEAN,
-                 input_std: Sequence[float] = IMAGENET_STD):
+                 input_std: Sequence[float] = IMAGENET_STD, teacher_dtype: torch.dtype | None = None,
+                 teacher_pass: TeacherPass | None = None):
         super().__init__()
         vit.check_vit(student, "the student")
         if not targets:
@@ -92,10 +97,14 @@ class Distiller(nn.Module):
         self.grid = tuple(int(g) for g in student.patch_embed.grid_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.img_size = tuple(g * p for g, p in zip(self.grid, vit.patch_size(student), strict=True))
-        self.teacher_pass = TeacherPass(teachers, self.targets, grid=self.grid, student_roles=vit.prefix_roles(student),
-                                        masking=Masking(masking, drop_ratio, tuple(mask_blocks)),
-                                        mask_teacher=mask_teacher, relation_heads=relation_heads,
-                                        input_mean=input_mean, input_std=input_std)
+        if teacher_pass is None:
+            self.teacher_pass = TeacherPass(teachers, self.targets, grid=self.grid,
+                                            student_roles=vit.prefix_roles(student),
+                                            masking=Masking(masking, drop_ratio, tuple(mask_blocks)),
+                                            mask_teacher=mask_teacher, relation_heads=relation_heads,
+                                            input_mean=input_mean, input_std=input_std, dtype=teacher_dtype)
+        else:  # held, not registered: its owner keeps it in the module tree
+            object.__setattr__(self, "teacher_pass", teacher_pass)
         self.heads = nn.ModuleDict({p.key: head for t in self.targets for p, head in self._check(t).items()})
 
     def _check(self, t: Target) -> dict[Pair, nn.Module]:
@@ -160,7 +169,7 @@ class Distiller(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         for t in self.targets:
             compare = LOSSES[t.loss]
-            part = sum(compare(predictions[p], targets.values[p], beta=self.beta) for p in t.pairs) / len(t.pairs)
+            part = sum(compare(predictions[p], targets.values[p.source], beta=self.beta) for p in t.pairs) / len(t.pairs)
             parts[t.name] = part
             if t.feature_like:
                 loss_feat = loss_feat + t.weight * part
@@ -176,13 +185,13 @@ class Distiller(nn.Module):
         with torch.no_grad():
             for t in self.targets:
                 if t.feature_like:
-                    out[f"cos/{t.name}"] = sum(signals.cosine(predictions[p], targets.values[p])
+                    out[f"cos/{t.name}"] = sum(signals.cosine(predictions[p], targets.values[p.source])
                                                for p in t.pairs) / len(t.pairs)
                     continue
                 tm = self.teacher_pass.model(t.teacher)
                 for p in t.pairs:
                     out[f"attn/{t.name}/{p.student}"] = signals.attention_agreement(
-                        predictions[p], targets.values[p], float(self.student.blocks[p.student].attn.scale),
+                        predictions[p], targets.values[p.source], float(self.student.blocks[p.student].attn.scale),
                         float(tm.blocks[p.teacher].attn.scale))
         return out
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from hdcli.errors import HDError, did_you_mean
@@ -120,9 +121,22 @@ def _target(entry: dict, label: Mapping[str, str], dc, where: str) -> Target:
         raise HDError(f"{where}: {e.problem}", e.hint) from None
 
 
-def build(student: nn.Module, teachers: Mapping[str, nn.Module], dc) -> Distiller:
-    """The method of a ``[distill]`` section: ``teachers`` maps each name of ``dc.teachers`` to its frozen model."""
+def build(student: nn.Module, teachers: Mapping[str, nn.Module], dc, *, teacher_dtype: torch.dtype | None = None,
+          teacher_pass=None) -> Distiller:
+    """The method of a ``[distill]`` section: ``teachers`` maps each name of ``dc.teachers`` to its frozen model;
+    ``teacher_dtype``: their precision (``teacher_dtype(dc.teacher_dtype, device)``); ``teacher_pass``: one to
+    share (``Distiller``)."""
     targets, mask_teacher = targets_from_config(dc)
     by_label = dict(zip(labels(list(dc.teachers)), (teachers[n] for n in dc.teachers), strict=True))
     return Distiller(student, by_label, targets, mask_teacher=mask_teacher, mask_blocks=tuple(dc.mask_blocks),
-                     drop_ratio=dc.drop_ratio, masking=dc.masking, beta=dc.beta, relation_heads=dc.relation_heads)
+                     drop_ratio=dc.drop_ratio, masking=dc.masking, beta=dc.beta, relation_heads=dc.relation_heads,
+                     teacher_dtype=teacher_dtype, teacher_pass=teacher_pass)
+
+
+def teacher_dtype(name: str, device_type: str) -> torch.dtype:
+    """``distill.teacher_dtype`` on a device: ``auto`` is bf16 on CUDA and fp32 on the CPU; fp16 needs CUDA."""
+    if name == "auto":
+        name = "bf16" if device_type == "cuda" else "fp32"
+    if name == "fp16" and device_type != "cuda":
+        raise HDError("fp16 teachers need a CUDA GPU", "use --teacher-dtype bf16 or fp32 on the CPU")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

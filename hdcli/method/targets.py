@@ -74,6 +74,11 @@ class Pair(NamedTuple):
     student: int | None
     key: str
 
+    @property
+    def source(self) -> tuple[str, int | None]:
+        """What the teacher side gives this term: (target name, teacher block), whatever the student's block."""
+        return self.target, self.teacher
+
 
 @dataclass(frozen=True)
 class Target:

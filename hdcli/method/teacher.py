@@ -45,13 +45,17 @@ def renorm_affine(mean_in, std_in, mean_t, std_t) -> tuple[torch.Tensor, torch.T
 class Teacher(nn.Module):
     """A frozen teacher plus its input adaptor: re-normalisation to its own mean/std (its ``pretrained_cfg``, as
     timm's distillation task lets the teacher own its input normalisation), a resize so that its token grid
-    equals the student's (a /14 teacher for a /16 student), and a cast to its parameters' dtype."""
+    equals the student's (a /14 teacher for a /16 student), and a cast to its parameters' dtype. ``dtype``:
+    the teacher's weights are cast to it (its own precision, whatever the student's mixed precision; None: as
+    they are)."""
 
     def __init__(self, model: nn.Module, name: str, grid: tuple[int, int], mean_in=IMAGENET_MEAN,
-                 std_in=IMAGENET_STD):
+                 std_in=IMAGENET_STD, dtype: torch.dtype | None = None):
         super().__init__()
         vit.check_vit(model, f"teacher {name!r}")
         model.requires_grad_(False).eval()
+        if dtype is not None:
+            model.to(dtype)
         self.model = model
         self.name = name
         self.img_size = vit.fit_grid(model, grid)
@@ -82,10 +86,11 @@ class Teacher(nn.Module):
 @dataclass
 class TeacherTargets:
     """What the teacher pass gives every student: the keep set [B, n] (ascending patch indices) and each loss
-    term's target, normalised (feature-like) or per head / head-averaged (relations)."""
+    term's target by ``Pair.source`` (target name, teacher block), normalised (feature-like) or per head /
+    head-averaged (relations)."""
 
     keep: torch.Tensor
-    values: dict[Pair, torch.Tensor]
+    values: dict[tuple[str, int | None], torch.Tensor]
 
 
 class TeacherPass(nn.Module):
@@ -98,14 +103,18 @@ class TeacherPass(nn.Module):
         masking: how the keep set is chosen (``masking.Masking``); mask_teacher: whose hidden states choose it.
         relation_heads: "match" or "mean" (relations averaged over heads).
         input_mean, input_std: the statistics the images are normalised with (ImageNet).
+        dtype: the teachers' precision (their weights are cast to it); None keeps them as they are.
 
     Teachers run under ``torch.no_grad`` (not ``inference_mode``: the keep set and targets enter autograd ops of
     the student that save them for backward, which inference tensors forbid). The mask teacher runs first.
+    ``forward`` = :meth:`from_hidden` of :meth:`hidden`: the teachers' forwards, then the keep set and targets
+    from their hidden states (several teacher passes over the same teachers share the forwards).
     """
 
     def __init__(self, teachers: Mapping[str, nn.Module], targets: Sequence[Target], *, grid: tuple[int, int],
                  student_roles: Sequence[str], masking: masking_lib.Masking, mask_teacher: str | None = None,
-                 relation_heads: str = "match", input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD):
+                 relation_heads: str = "match", input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.targets = tuple(targets)
         self.masking, self.mask_teacher, self.relation_heads = masking, mask_teacher, relation_heads
@@ -117,7 +126,7 @@ class TeacherPass(nn.Module):
         for name in teachers:
             if name not in used:
                 raise HDError(f"teacher {name!r} is not used by any target", "drop it or add a target for it")
-        self._teachers = {name: Teacher(m, name, grid, input_mean, input_std) for name, m in teachers.items()}
+        self._teachers = {name: Teacher(m, name, grid, input_mean, input_std, dtype) for name, m in teachers.items()}
         self.mask_blocks = masking.teacher_blocks(self.num_patches)  # () when nothing is dropped by the data
         if self.mask_blocks:
             if mask_teacher is None:
@@ -162,18 +171,34 @@ class TeacherPass(nn.Module):
 
     def forward(self, images: torch.Tensor) -> TeacherTargets:
         """images [B, 3, H, W] normalised with the input statistics -> the keep set and every target."""
+        return self.from_hidden(self.hidden(images, self.wanted()), images)
+
+    def wanted(self) -> dict[str, list[tuple[str, int | None]]]:
+        """teacher name -> the hidden states its targets and the keep set read ((at, block), ``Hidden.run``); a
+        teacher that needs none (a mask teacher under random masking with no target of its own) is left out."""
+        out = {}
+        for name, teacher in self._teachers.items():
+            targets = [t for t in self.targets if t.teacher == name]
+            wanted = [w for t in targets for w in wants(t, "teacher")]
+            wanted += [("enter", b) for b in (self.mask_blocks if name == self.mask_teacher else ())]
+            if any(self.tokens[t.name].pooled for t in targets):
+                wanted.append(("leave", vit.depth(teacher.model) - 1))
+            if wanted:
+                out[name] = wanted
+        return out
+
+    def hidden(self, images: torch.Tensor, wanted: Mapping[str, Sequence[tuple[str, int | None]]]) -> dict[str, Hidden]:
+        """Each teacher of ``wanted`` run once (under ``no_grad``, the mask teacher first) as far as it says."""
         with torch.no_grad():
-            runs: dict[str, Hidden] = {}
-            for name in sorted(self._teachers, key=lambda n: n != self.mask_teacher):  # the mask teacher first
-                teacher, targets = self._teachers[name], [t for t in self.targets if t.teacher == name]
-                wanted = [w for t in targets for w in wants(t, "teacher")]
-                wanted += [("enter", b) for b in (self.mask_blocks if name == self.mask_teacher else ())]
-                if any(self.tokens[t.name].pooled for t in targets):
-                    wanted.append(("leave", vit.depth(teacher.model) - 1))
-                if wanted:  # e.g. a mask teacher under random masking with no target of its own: never run
-                    runs[name] = teacher.run(images, wanted)
+            return {name: self._teachers[name].run(images, wanted[name])
+                    for name in sorted(wanted, key=lambda n: n != self.mask_teacher)}
+
+    def from_hidden(self, runs: Mapping[str, Hidden], images: torch.Tensor) -> TeacherTargets:
+        """The keep set and every target from the teachers' hidden states ``runs`` (:meth:`hidden`, holding at
+        least what :meth:`wanted` asks)."""
+        with torch.no_grad():
             keep = self._keep(runs, images)
-            values = {p: self._target(t, p, teacher_value(t, runs[t.teacher], p, keep, self.tokens[t.name]))
+            values = {p.source: self._target(t, p, teacher_value(t, runs[t.teacher], p, keep, self.tokens[t.name]))
                       for t in self.targets for p in t.pairs}
         return TeacherTargets(keep=keep, values=values)
 

@@ -21,13 +21,16 @@ from torch import nn
 
 from hdcli import data, teachers, ui
 from hdcli.config import DistillConfig
+from hdcli.config.schema import student_configs
 from hdcli.errors import HDError
 from hdcli.method import hybrid
 from hdcli.method.signals import grad_shares
+from hdcli.method.students import Students
 from hdcli.models import vit
 from hdcli.rundir import STUDENT
+from hdcli.seeding import seed_all
 from hdcli.teachers.registry import RANDOM, labels
-from hdcli.train.task import Task
+from hdcli.train.task import Member, Task
 
 
 def check_teacher_names(names: list[str]) -> None:
@@ -50,14 +53,15 @@ def build_student(cfg: DistillConfig) -> nn.Module:
 
 
 def build_teacher(name: str, cfg: DistillConfig, index: int) -> nn.Module:
-    """A frozen, eval-mode teacher; ``random:ARCH`` ones seeded by their position in the list only."""
-    if name.startswith(RANDOM):
-        kwargs = {"img_size": cfg.data.img_size, **cfg.distill.teacher_kwargs, "num_classes": 0}
-        with torch.random.fork_rng(devices=[]):
+    """A frozen, eval-mode teacher; ``random:ARCH`` ones seeded by their position in the list only. Building a
+    teacher leaves the global random state as it was: the student and its heads are drawn from the run's seed
+    alone, whichever teachers the run loads (and each of several students as in its own run)."""
+    with torch.random.fork_rng(devices=[]):
+        if name.startswith(RANDOM):
+            kwargs = {"img_size": cfg.data.img_size, **cfg.distill.teacher_kwargs, "num_classes": 0}
             torch.manual_seed(1000 + index)
-            model = teachers.create(name[len(RANDOM):], pretrained=False, **kwargs)
-        return model.requires_grad_(False).eval()
-    return teachers.load(name)
+            return teachers.create(name[len(RANDOM):], pretrained=False, **kwargs).requires_grad_(False).eval()
+        return teachers.load(name)
 
 
 def _fmt(v) -> str:
@@ -65,11 +69,13 @@ def _fmt(v) -> str:
 
 
 class DistillTask(Task):
-    """``hd distill``: trains ``method.student`` + ``method.heads``; exports the student alone.
+    """``hd distill``: trains ``method.student`` + ``method.heads``; exports the student alone. With
+    ``distill.students`` it trains several students from one teacher pass (``method.students.Students``), each a
+    :class:`~hdcli.train.task.Member` with its own optimiser, records and export in ``<run>/students/<name>/``.
 
-    Watching the run (``[eval]``, docs/distill.md): k-NN top-1 of the student at the start, every
+    Watching the run (``[eval]``, docs/distill.md): k-NN top-1 of the student(s) at the start, every
     ``eval.every`` steps (default each epoch) and at the end, of each teacher once at the start; a head-distance
-    / NMI probe of the student each evaluation; per-target signals on logged steps (``hdcli.watch``).
+    / NMI probe of the student(s) each evaluation; per-target signals on logged steps (``hdcli.watch``).
     """
 
     log_keys = ("loss", "loss_feat", "loss_rel")
@@ -82,7 +88,14 @@ class DistillTask(Task):
         self.source = data.parse_source(cfg.data.source)
         data.check_batch(self.source, cfg.train.batch_size, ui.world_size())
         check_teacher_names(dc.teachers)
-        student = build_student(cfg)
+        cuda = torch.cuda.is_available() and not cfg.train.cpu
+        dtype = hybrid.teacher_dtype(dc.teacher_dtype, "cuda" if cuda else "cpu")
+        runs = student_configs(cfg) if dc.students is not None else [("", cfg)]  # (name, its own run's config)
+        students, after = {}, {}
+        for name, one in runs:
+            seed_all(cfg.train.seed)  # each student (and its heads) as its own run builds it
+            students[name] = build_student(one)
+            after[name] = torch.get_rng_state()
         self.labels = dict(zip(dc.teachers, labels(dc.teachers), strict=True))  # name as given -> label in the logs
         models: dict[str, nn.Module] = {}
         for i, name in enumerate(dc.teachers):
@@ -91,18 +104,38 @@ class DistillTask(Task):
         self.teacher_models = models  # name in distill.teachers -> frozen model (hybrid.build's input)
         self.monitor = self._monitor(cfg)
         self._t0, self._accelerator = time.perf_counter(), None
-        if self.monitor is not None:
-            self.log_keys = (*self.log_keys, "knn/student_cls")  # the latest evaluation stays in the progress bar
-        self.model = hybrid.build(student, models, dc)
-        self._say_renormalised()
-        self.frozen = list(self.model.teachers.values())
+        methods = {}
+        for name, one in runs:
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(after[name])  # the heads' draws follow the student's, as in its own run
+                methods[name] = hybrid.build(students[name], models, one.distill, teacher_dtype=dtype)
+        if dc.students is None:
+            self.model = methods[""]
+        else:
+            self.model = Students(methods)
+            self.members = [Member(name, methods[name], one.optim, f"students/{name}", config=one) for name, one in runs]
+            self.log_keys = ("loss", *(f"{name}/loss" for name, _ in runs))
+        if self.monitor is not None:  # the latest evaluation stays in the progress bar
+            self.log_keys = (*self.log_keys, *(self._key(name, "knn/student_cls") for name, _ in runs))
+        self._say_renormalised(next(iter(methods.values())))
         # without a features target the student's last blocks/norm get no gradient, and a student's attention-pool
         # head (SigLIP/PE style) never gets one: DDP must know
-        self.find_unused_parameters = (not any(t.kind == "features" for t in self.model.targets)
-                                       or getattr(student, "attn_pool", None) is not None)
-        if self.monitor is not None and cfg.eval.probe_images and not all(map(vit.exposes_qk, student.blocks)):
-            raise HDError(f"the head-distance/NMI probe needs attention maps, which {cfg.student.arch}'s blocks "
-                          "cannot expose", "set eval.probe_images = 0")
+        self.find_unused_parameters = any(not any(t.kind == "features" for t in m.targets)
+                                          or getattr(m.student, "attn_pool", None) is not None for m in methods.values())
+        for name, one in runs:
+            if self.monitor is not None and cfg.eval.probe_images and not all(map(vit.exposes_qk,
+                                                                                  students[name].blocks)):
+                raise HDError(f"the head-distance/NMI probe needs attention maps, which {one.student.arch}'s blocks "
+                              "cannot expose", "set eval.probe_images = 0")
+
+    @staticmethod
+    def _key(member: str, key: str) -> str:
+        """A record entry of one member (``<member>/<key>``; the key itself for a single student)."""
+        return f"{member}/{key}" if member else key
+
+    def methods(self, model: nn.Module) -> dict[str, nn.Module]:
+        """member name -> its Distiller ("" -> the model itself for a single student)."""
+        return dict(model.members) if self.members else {"": model}
 
     def _monitor(self, cfg: DistillConfig):
         """The k-NN monitor when the run evaluates (its eval source checked now), else None."""
@@ -116,13 +149,13 @@ class DistillTask(Task):
                           seed=cfg.train.seed, probe_images=ec.probe_images,
                           num_workers=data.default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers)
 
-    def _say_renormalised(self) -> None:
+    def _say_renormalised(self, method) -> None:
         """One line per teacher (as the user named it) whose input statistics differ from the data's (e.g. a
         timm default tag's mean = std = 0.5, or CLIP's): its inputs are re-normalised."""
         if not ui.is_main_process():
             return
         given = {label: name for name, label in self.labels.items()}
-        for label, (mean, std) in self.model.teacher_pass.renormalised().items():
+        for label, (mean, std) in method.teacher_pass.renormalised().items():
             ui.console.print(f"teacher {given[label]!r} expects inputs normalised with mean {_fmt(mean)} and std "
                              f"{_fmt(std)}: the ImageNet-normalised images are re-normalised for it", soft_wrap=True)
 
@@ -132,16 +165,24 @@ class DistillTask(Task):
                                      source=self.source)
 
     def loss(self, model: nn.Module, batch, *, detail: bool = False) -> dict[str, torch.Tensor]:
-        """The step's losses; on ``detail`` (logged) steps also the per-target signals and gradient shares."""
+        """The step's losses; on ``detail`` (logged) steps also the per-target signals and gradient shares. With
+        several students: ``loss`` is their sum (each student's gradients are its own loss's), their own entries
+        are ``<student>/loss``, ``<student>/part/...``."""
         images = data.normalize(batch[0])  # uint8 -> float on the device (ImageNet statistics)
         detail = detail and self.cfg.eval.signals
-        out = model(images, detail=detail)
-        res = {"loss": out.loss, "loss_feat": out.loss_feat, "loss_rel": out.loss_rel,
-               **{f"part/{k}": v for k, v in out.parts.items()}}
-        if detail:  # cosine / attention agreement, and each target's share of the gradient at the shared block
-            res.update(out.signals)
-            weighted = {t.name: t.weight * out.parts[t.name] for t in self.model.targets}
-            res.update({f"share/{k}": v for k, v in grad_shares(weighted, self.model.shared_parameters()).items()})
+        outs = model(images, detail=detail)
+        outs = outs if self.members else {"": outs}
+        res = {"loss": sum(o.loss for o in outs.values())} if self.members else {}
+        methods = self.methods(self.model)
+        for name, out in outs.items():
+            own = {"loss": out.loss, "loss_feat": out.loss_feat, "loss_rel": out.loss_rel,
+                   **{f"part/{k}": v for k, v in out.parts.items()}}
+            if detail:  # cosine / attention agreement, and each target's share of the gradient at the shared block
+                m = methods[name]
+                own.update(out.signals)
+                weighted = {t.name: t.weight * out.parts[t.name] for t in m.targets}
+                own.update({f"share/{k}": v for k, v in grad_shares(weighted, m.shared_parameters()).items()})
+            res.update({self._key(name, k): v for k, v in own.items()})
         return res
 
     # -- watching the run (hdcli.watch)
@@ -184,9 +225,12 @@ class DistillTask(Task):
             return None
         model.eval()
         before = self.monitor.seconds
-        res = self.monitor.evaluate("student", lambda x: token_features(model.student, x), accelerator)
-        if accelerator.is_main_process:
-            res.update(self.monitor.probe(model.student, accelerator.device))
+        res = {}
+        for name, m in self.methods(model).items():
+            own = self.monitor.evaluate("student", lambda x, s=m.student: token_features(s, x), accelerator)
+            if accelerator.is_main_process:
+                own.update(self.monitor.probe(m.student, accelerator.device))
+            res.update({self._key(name, k): v for k, v in own.items()})
         self.monitor.last_seconds = self.monitor.seconds - before  # what the next one will cost (eval_at)
         return res
 
@@ -198,3 +242,6 @@ class DistillTask(Task):
         # so timm, `hd analyze` and a student reused as a teacher normalise its inputs correctly.
         cfg = {"pretrained_cfg": {"mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD, "tag": "hd_distill"}}
         save_for_hf(model.student, str(out_dir), model_config=cfg, safe_serialization=True)
+
+    def export_member(self, model: nn.Module, name: str, out_dir: Path) -> None:
+        self.export(model.members[name], out_dir)

@@ -211,17 +211,16 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep: in
     return final
 
 
-def export(task, accelerator, model: nn.Module, run_dir: Path) -> Path:
-    """``task.export`` into ``<run>/.tmp-<export_dir>``, then renamed over ``<run>/<export_dir>``: the export dir
+def export(write, accelerator, final: Path) -> Path:
+    """``write(tmp)`` into ``<final>.tmp``'s sibling ``.tmp-<name>``, then renamed over ``final``: the export dir
     is always complete; a failed export is an error and leaves the checkpoints as they were."""
-    final = run_dir / task.export_dir
-    tmp, old = run_dir / f".tmp-{task.export_dir}", run_dir / f".old-{task.export_dir}"
+    tmp, old = final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         rmtree(tmp)
         try:
             tmp.mkdir(parents=True)
-            task.export(model, tmp)
+            write(tmp)
             if final.exists():
                 rmtree(old)
                 os.replace(final, old)

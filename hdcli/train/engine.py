@@ -102,11 +102,11 @@ def _loop(r: Run, start: int, signals: Signals, *, resumed: bool) -> tuple[int |
     """Optimiser steps ``start .. n_steps-1``; returns (stop signal or None, last saved step, the log)."""
     tc, plan, task, acc = r.cfg.train, r.plan, r.task, r.accelerator
     stream = Stream(r.loader, plan.per_epoch, start * plan.accum, tc.seed)
-    guard = Guard(acc.device, r.world, plan.n_steps, tc.nan_tolerance, r.run_dir)
+    guard = Guard(acc.device, r.world, plan.n_steps, tc.nan_tolerance, r.run_dir, [o.name for o in r.optims])
     last_saved, stopped = (start if resumed else None), None
     log = Log(name=type(task).__name__.removesuffix("Task").lower() or "train", keys=task.log_keys, run_dir=r.run_dir,
               n_steps=plan.n_steps, start=start, global_batch=plan.global_batch, main=r.main, accelerator=acc,
-              trackers=bool(tc.all_trackers))
+              trackers=bool(tc.all_trackers), members=[(o.name, o.dir) for o in r.optims])
     model = acc.unwrap_model(r.models.wrapped)
     r.models.train()
     with log:
@@ -116,20 +116,21 @@ def _loop(r: Run, start: int, signals: Signals, *, resumed: bool) -> tuple[int |
             log.restart_window()
             r.models.train()
         for step in range(start, plan.n_steps):
-            lr = lr_at(step, total=plan.n_steps, warmup=plan.warmup, peak=plan.peak, min_lr=r.cfg.optim.min_lr)
-            set_lr(r.optim.raw, lr)
+            lrs = [lr_at(step, total=plan.n_steps, warmup=plan.warmup, peak=o.peak, min_lr=o.min_lr) for o in r.optims]
+            for o, lr in zip(r.optims, lrs, strict=True):
+                set_lr(o.raw, lr)
             done = step + 1
             logged = done % tc.log_every == 0 or done == plan.n_steps
             loss = _forward_backward(r, stream, step, log, detail=logged)
-            grad_norm, bad = _optimizer_step(r.optim, r.accelerator, r.cfg.optim.clip_grad, loss)
-            stopped = guard.after_step(bad, signals.received, done)
+            grad_norms, bad = zip(*(_optimizer_step(o, r.accelerator, loss) for o in r.optims), strict=True)
+            stopped = guard.after_step(torch.stack(bad), signals.received, done)
             log.step_done()
             # also when stopping: a resumed run starts after this step and would never evaluate it
             evaluate = task.eval_at(done, n_steps=plan.n_steps,
                                     epoch_end=plan.epochs_done(done) > plan.epochs_done(done - 1))
             if logged or stopped or evaluate:
-                rec = log.record(done=done, epoch=plan.epoch(done), lr=lr, grad_norm=grad_norm, skipped=guard.skipped,
-                                 bad_images=_bad_images(r), world=r.world)
+                rec = log.record(done=done, epoch=plan.epoch(done), lrs=lrs, grad_norms=grad_norms,
+                                 skipped=guard.skipped, bad_images=_bad_images(r), world=r.world)
                 rec["bad_images"] += r.bad_before
                 if evaluate:
                     rec.update(_timed(task.evaluate, model, acc, plan.epochs_done(done) - 1, done) or {})
@@ -170,9 +171,10 @@ def _forward_backward(r: Run, stream: Stream, step: int, log: Log, *, detail: bo
     return out["loss"]
 
 
-def _optimizer_step(optim: Optim, accelerator, clip: float | None, loss: torch.Tensor):
-    """Clip, then AdamW; a non-finite step is skipped on the device. Returns (grad norm, bad) device scalars."""
-    grad_norm = accelerator.clip_grad_norm_(optim.params, clip if clip else float("inf"))
+def _optimizer_step(optim: Optim, accelerator, loss: torch.Tensor):
+    """Clip, then AdamW, of one member; a non-finite step is skipped on the device. Returns (grad norm, bad)
+    device scalars."""
+    grad_norm = accelerator.clip_grad_norm_(optim.params, optim.clip if optim.clip else float("inf"))
     bad = ~torch.isfinite(loss.detach()) if optim.fp16 else ~torch.isfinite(grad_norm)
     if not optim.fp16:  # fp16: the GradScaler skips overflowing steps itself
         optim.raw.found_inf = bad.float()  # fused AdamW skips the update on the device
@@ -199,8 +201,7 @@ def _finish(r: Run, stopped: int | None, last_saved: int | None, log: Log, resum
     else:
         if last_saved != n:  # the loop saves its last step; this only covers an empty loop
             _save(r, n)
-        result["student"] = str(ck.export(r.task, r.accelerator, r.accelerator.unwrap_model(r.models.wrapped),
-                                          r.run_dir))
+        result["student"] = _export(r)
         if r.main:
             loss_txt = f"; loss {log.first_loss:.4f} → {log.last_loss:.4f}" if log.first_loss is not None else ""
             say(f"done: {n} steps in {fmt_time(result['time_s'])}{loss_txt}; "
@@ -213,8 +214,19 @@ def _finish(r: Run, stopped: int | None, last_saved: int | None, log: Log, resum
     if r.cfg.train.all_trackers:
         r.accelerator.end_training()
     if r.main and r.cfg.train.plot:
-        _plot(r.run_dir)
+        for where in dict.fromkeys(o.dir for o in r.optims):
+            _plot(r.run_dir / where)
     return result
+
+
+def _export(r: Run) -> str:
+    """The task's export into ``<run>/<export_dir>``, or each member's into ``<run>/<member dir>/<export_dir>``
+    (atomic each); the path, or the members' paths joined by ", "."""
+    model, task = r.accelerator.unwrap_model(r.models.wrapped), r.task
+    if not task.members:
+        return str(ck.export(lambda out: task.export(model, out), r.accelerator, r.run_dir / task.export_dir))
+    return ", ".join(str(ck.export(lambda out, name=m.name: task.export_member(model, name, out), r.accelerator,
+                                   r.run_dir / m.dir / task.export_dir)) for m in task.members)
 
 
 def _say_interrupted(run_dir: Path, resume_hint: str | None) -> None:

@@ -40,8 +40,9 @@ class Log:
     """
 
     def __init__(self, *, name: str, keys: Sequence[str], run_dir, n_steps: int, start: int, global_batch: int,
-                 main: bool, accelerator, trackers: bool):
+                 main: bool, accelerator, trackers: bool, members: Sequence[tuple[str, str]] = (("", ""),)):
         self.keys, self.run_dir, self.n_steps, self.start = tuple(keys), run_dir, n_steps, start
+        self.members = [(n, d) for n, d in members if n]  # (name, dir) of each independently optimised part
         self.global_batch, self.main, self.accelerator, self.trackers = global_batch, main, accelerator, trackers
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, float] = {}
@@ -78,18 +79,27 @@ class Log:
         if self.bar is not None:
             self.bar.update(self.bar_task, advance=1)
 
-    def record(self, *, done: int, epoch: float, lr: float, grad_norm: torch.Tensor, skipped: torch.Tensor,
-               bad_images: int, world: int) -> dict:
-        """The window's record, averaged over ranks (one host sync); a new window starts."""
+    def record(self, *, done: int, epoch: float, lrs: Sequence[float], grad_norms: Sequence[torch.Tensor],
+               skipped: torch.Tensor, bad_images: int, world: int) -> dict:
+        """The window's record, averaged over ranks (one host sync); a new window starts. ``lrs``, ``grad_norms``
+        and ``skipped`` ([members]) are per member: ``lr``, ``grad_norm``, ``skipped_steps`` for a single model,
+        ``<member>/lr``, ... for several."""
         keys = list(self.sums)
-        device = grad_norm.device
-        bad = torch.tensor(float(bad_images), device=device)
-        vals = torch.stack([self.sums[k] for k in keys] + [bad * world, skipped, grad_norm.detach().float()])
+        m = len(lrs)
+        device = skipped.device
+        bad = torch.tensor([float(bad_images)], device=device)
+        vals = torch.cat([torch.stack([self.sums[k] for k in keys]) if keys else bad[:0], bad * world,
+                          skipped.reshape(-1).float(), torch.stack([g.detach().float() for g in grad_norms])])
         vals = (self.accelerator.reduce(vals, "mean") if world > 1 else vals).tolist()
         dt = time.perf_counter() - self.t_window
-        rec = {"step": done, "epoch": epoch, "lr": lr,
-               **{k: v / self.counts[k] for k, v in zip(keys, vals, strict=False)},
-               "grad_norm": vals[-1], "skipped_steps": int(round(vals[-2])), "bad_images": int(round(vals[-3])),
+        own = {}
+        prefixes = [f"{n}/" for n, _ in self.members] or [""]
+        for i, prefix in enumerate(prefixes):
+            own.update({f"{prefix}lr": lrs[i], f"{prefix}grad_norm": vals[-m + i],
+                        f"{prefix}skipped_steps": int(round(vals[-2 * m + i]))})
+        rec = {"step": done, "epoch": epoch, **({"lr": lrs[0]} if not self.members else {}),
+               **{k: v / self.counts[k] for k, v in zip(keys, vals, strict=False)}, **own,
+               "bad_images": int(round(vals[-2 * m - 1])),
                "img_per_s": self.global_batch * self.window / max(dt, 1e-9), "time_s": time.perf_counter() - self.t_start}
         self._loss_keys = set(keys)
         self.sums, self.counts, self.window, self.t_window = {}, {}, 0, time.perf_counter()
@@ -97,21 +107,32 @@ class Log:
         self.last_loss = rec["loss"]
         return rec
 
+    def split(self, rec: dict, name: str) -> dict:
+        """Member ``name``'s record of a run's record: its own ``<name>/...`` entries unprefixed, the shared ones
+        (every entry not of a member) as they are: what its own single run would record."""
+        own = {k[len(name) + 1:]: v for k, v in rec.items() if k.startswith(f"{name}/")}
+        others = tuple(f"{n}/" for n, _ in self.members)
+        return {**{k: v for k, v in rec.items() if not k.startswith(others)}, **own}
+
     def write(self, rec: dict) -> None:
-        """Append ``rec`` to metrics.jsonl, show it, and send it to the tracker (main process only)."""
+        """Append ``rec`` to metrics.jsonl (and each member's record to its own), show it, and send it to the
+        tracker (main process only)."""
         if not self.main:
             return
         append_metrics(self.run_dir, rec)
+        for name, where in self.members:
+            append_metrics(self.run_dir / where, self.split(rec, name))
         if self.trackers:
             self.accelerator.log({k: v for k, v in rec.items() if isinstance(v, int | float)}, step=rec["step"])
-        if "lr" not in rec:  # a record of the task's own numbers (``Task.begin``): one line
+        if "img_per_s" not in rec:  # a record of the task's own numbers (``Task.begin``): one line
             ui.console.print(f"step {rec['step']}: " + " ".join(f"{k} {v:.4g}" for k, v in rec.items()
                                                                if k not in _FIXED and isinstance(v, int | float)),
                              soft_wrap=True, markup=False)
             return
         self.shown.update({k: rec[k] for k in self.keys if k in rec})  # an evaluation stays shown until the next
         shown = " ".join(f"{k} {self.shown[k]:.4f}" for k in self.keys if k in self.shown)
-        info = f"{shown} lr {rec['lr']:.2e} {rec['img_per_s']:.0f} img/s"
+        lr = rec.get("lr", next((v for k, v in rec.items() if k.endswith("/lr")), 0.0))
+        info = f"{shown} lr {lr:.2e} {rec['img_per_s']:.0f} img/s"
         if rec.get("skipped_steps"):
             info += f" skipped {rec['skipped_steps']}"
         if rec.get("bad_images"):
@@ -119,9 +140,10 @@ class Log:
         if self.bar is not None and not self.bar.disable:
             self.bar.update(self.bar_task, info=info)
             return
+        members = tuple(f"{n}/" for n, _ in self.members)  # a member's own entries: in its own records
         extra = " ".join(f"{k} {v:.4g}" for k, v in rec.items()
                          if k not in self._loss_keys and k not in self.keys and k not in _FIXED
-                         and isinstance(v, int | float))
+                         and not (members and k.startswith(members)) and isinstance(v, int | float))
         eta = rec["time_s"] / (rec["step"] - self.start) * (self.n_steps - rec["step"])
         line = f"step {rec['step']}/{self.n_steps} ep {rec['epoch']:.2f} {info}" + (f" {extra}" if extra else "")
         ui.console.print(line + f" eta {fmt_time(eta)}", soft_wrap=True, markup=False)  # one line per record

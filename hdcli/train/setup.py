@@ -25,19 +25,18 @@ from hdcli.seeding import seed_all
 from hdcli.train import checkpoints as ck
 from hdcli.train.log import say
 from hdcli.train.optim import build_adamw, scaled_lr, total_steps
-from hdcli.train.task import Task
+from hdcli.train.task import Member, Task
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The run's length and learning rate: micro-batches per epoch per rank, accumulation, optimiser steps, the
-    global batch, the peak lr and the warm-up steps."""
+    """The run's length: micro-batches per epoch per rank, accumulation, optimiser steps, the global batch and the
+    warm-up steps."""
 
     per_epoch: int
     accum: int
     n_steps: int
     global_batch: int
-    peak: float
     warmup: int
 
     def epoch(self, done: int) -> float:
@@ -66,12 +65,18 @@ class Models:
 
 @dataclass
 class Optim:
-    """AdamW over ``params`` (``raw``; ``wrapped`` is Accelerate's wrapper); ``fp16``: a gradient scaler skips
-    overflowing steps itself."""
+    """The AdamW of one member (the whole model, or one student of several): ``params`` (``raw``; ``wrapped`` is
+    Accelerate's wrapper), its peak and floor lr, its clipping norm; ``fp16``: a gradient scaler skips overflowing
+    steps itself. ``name`` prefixes its record entries, ``dir`` holds its records ("" for a single model)."""
 
+    name: str
+    dir: str
     params: list[nn.Parameter]
     raw: torch.optim.AdamW
     wrapped: Any
+    peak: float
+    min_lr: float
+    clip: float | None
     fp16: bool
 
 
@@ -86,7 +91,7 @@ class Run:
     loader: Iterable
     plan: Plan
     models: Models
-    optim: Optim
+    optims: list[Optim]
     bad_before: int = 0  # unreadable images skipped by the segments before a resume (from state.json)
 
     @property
@@ -118,16 +123,25 @@ def prepare(make_task: Callable[[], Task], cfg, run_dir: Path, locks: list[RunLo
     loader = task.train_loader(rank=accelerator.process_index, world_size=accelerator.num_processes, seed=tc.seed)
     held.append(loader)
     plan = make_plan(cfg, loader, accelerator.num_processes)
+    models = prepare_models(task, accelerator)
+    members = list(task.members) or [Member("", models.model, oc, "")]
+    optims = [make_optim(task, m, plan, accelerator) for m in members]
     if accelerator.is_main_process and plan.warmup >= plan.n_steps:
         ui.warn(f"warm-up ({plan.warmup} steps) is not shorter than the run ({plan.n_steps} steps): the lr never "
-                f"reaches its peak {plan.peak:.3g}; set optim.warmup_epochs/warmup_steps")
-    models = prepare_models(task, accelerator)
-    params = [p for p in models.model.parameters() if p.requires_grad]
+                f"reaches its peak {optims[0].peak:.3g}; set optim.warmup_epochs/warmup_steps")
+    return Run(cfg, task, run_dir, accelerator, loader, plan, models, optims)
+
+
+def make_optim(task: Task, member: Member, plan: Plan, accelerator) -> Optim:
+    """The AdamW of one member: its parameter groups (``task.param_groups``), lr = its blr × global batch / 256."""
+    oc = member.optim
+    params = [p for p in member.module.parameters() if p.requires_grad]
     if not params:
-        raise HDError("the task has no trainable parameters")
-    raw = build_adamw(task.param_groups(models.model, oc.weight_decay), oc, plan.peak, accelerator.device)
-    optim = Optim(params, raw, accelerator.prepare_optimizer(raw), fp16=accelerator.scaler is not None)
-    return Run(cfg, task, run_dir, accelerator, loader, plan, models, optim)
+        raise HDError("the task has no trainable parameters" + (f" in {member.name!r}" if member.name else ""))
+    peak = scaled_lr(oc.blr, plan.global_batch, oc.lr)
+    raw = build_adamw(task.param_groups(member.module, oc.weight_decay), oc, peak, accelerator.device)
+    return Optim(member.name, member.dir, params, raw, accelerator.prepare_optimizer(raw), peak, oc.min_lr,
+                 oc.clip_grad, fp16=accelerator.scaler is not None)
 
 
 def make_plan(cfg, loader, world: int) -> Plan:
@@ -143,7 +157,7 @@ def make_plan(cfg, loader, world: int) -> Plan:
     n_steps = total_steps(epochs=tc.epochs, steps=tc.steps, batches_per_epoch=per_epoch, accum_steps=accum)
     global_batch = tc.batch_size * accum * world
     warmup = oc.warmup_steps if oc.warmup_steps is not None else round(oc.warmup_epochs * per_epoch / accum)
-    return Plan(per_epoch, accum, n_steps, global_batch, scaled_lr(oc.blr, global_batch, oc.lr), warmup)
+    return Plan(per_epoch, accum, n_steps, global_batch, warmup)
 
 
 def prepare_models(task: Task, accelerator) -> Models:
@@ -185,14 +199,15 @@ def lock(run_dir: Path, locks: list[RunLock]) -> None:
 def restore(r: Run, ckpt: Path) -> int:
     """Load checkpoint ``ckpt`` (weights, optimiser moments; hyperparameters stay the config's); its step."""
     state = ck.read_state(ckpt)
-    raw, plan = r.optim.raw, r.plan
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in raw.param_groups]
+    plan = r.plan
+    fresh = [[{k: v for k, v in g.items() if k != "params"} for g in o.raw.param_groups] for o in r.optims]
     try:
         r.accelerator.load_state(str(ckpt))
-        if len(raw.param_groups) != len(fresh):
-            raise ValueError(f"{len(fresh)} parameter groups, the checkpoint has {len(raw.param_groups)}")
-        for g, f in zip(raw.param_groups, fresh, strict=True):
-            g.update(f)  # moments and step counts from the checkpoint, hyperparameters from the config
+        for o, groups in zip(r.optims, fresh, strict=True):
+            if len(o.raw.param_groups) != len(groups):
+                raise ValueError(f"{len(groups)} parameter groups, the checkpoint has {len(o.raw.param_groups)}")
+            for g, f in zip(o.raw.param_groups, groups, strict=True):
+                g.update(f)  # moments and step counts from the checkpoint, hyperparameters from the config
     except HDError:
         raise
     except (ValueError, RuntimeError, KeyError) as e:
@@ -246,7 +261,12 @@ def open_run_dir(r: Run, start: int, changes: dict[str, tuple[str, str]]) -> Non
                 kept = history_name(run_dir, start)
                 atomic_write(kept, (run_dir / CONFIG).read_text())
             save_config(r.cfg, run_dir / CONFIG)
-            ck.trim_metrics(run_dir, start)
+            for where in dict.fromkeys(["", *(o.dir for o in r.optims)]):  # the run's records, each member's
+                (run_dir / where).mkdir(parents=True, exist_ok=True)
+                ck.trim_metrics(run_dir / where, start)
+            for m in r.task.members:
+                if m.config is not None:
+                    save_config(m.config, run_dir / m.dir / CONFIG)
             if changes:
                 ck.append_metrics(run_dir, {"step": start, "config_change": {k: list(v) for k, v in changes.items()},
                                             "previous_config": str(kept.relative_to(run_dir))})
@@ -262,8 +282,9 @@ def open_run_dir(r: Run, start: int, changes: dict[str, tuple[str, str]]) -> Non
         ck.check_free_space(run_dir, (weights if start >= plan.n_steps else 2 * 3 * weights) + (64 << 20))
         if r.cfg.train.all_trackers:
             init_trackers(r)
+        lrs = ", ".join(f"{o.name + ' ' if o.name else ''}{o.peak:.3g}" for o in r.optims)
         say(f"training {plan.n_steps} steps ({plan.per_epoch} batches/epoch/rank, {r.world} process(es), global batch "
-            f"{plan.global_batch}, lr {plan.peak:.3g}, warm-up {plan.warmup}, {r.accelerator.mixed_precision} "
+            f"{plan.global_batch}, lr {lrs}, warm-up {plan.warmup}, {r.accelerator.mixed_precision} "
             f"precision, {r.accelerator.device})")
     r.accelerator.wait_for_everyone()
 

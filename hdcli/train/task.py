@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,22 @@ from torch import nn
 
 from hdcli.rundir import STUDENT
 from hdcli.train.optim import param_groups_weight_decay
+
+RESERVED = ("part", "share", "cos", "attn", "knn", "probe")  # record namespaces a member may not be named
+
+
+@dataclass
+class Member:
+    """An independently optimised part of ``Task.model`` (one student of several): its own AdamW with ``optim``
+    (an ``OptimConfig``), lr schedule, gradient clipping and non-finite guard. Its records go to
+    ``<run>/<dir>/metrics.jsonl`` (the loss dict's ``<name>/...`` entries without the prefix, plus the shared
+    ones) and its export to ``<run>/<dir>/<Task.export_dir>`` (``Task.export_member``)."""
+
+    name: str
+    module: nn.Module
+    optim: Any
+    dir: str
+    config: Any = None  # written to <run>/<dir>/config.toml: the config of the single run the member equals
 
 
 class Task:
@@ -37,7 +54,9 @@ class Task:
       steps ``eval_at`` chooses: by default each finished epoch, ``epoch`` its 0-based index; the returned
       numbers join that step's record); ``begin(model, accelerator, start) -> dict | None`` (before the
       first step of a segment: numbers recorded at step ``start``, e.g. an initial evaluation); attributes
-      ``log_keys``, ``export_dir`` (default ``student``) and ``find_unused_parameters`` (DDP).
+      ``log_keys``, ``export_dir`` (default ``student``) and ``find_unused_parameters`` (DDP);
+    - optional ``members``: independently optimised parts of ``model`` (several students), each with its own
+      AdamW, records and export (:class:`Member`; ``export_member(model, name, out_dir)`` writes one).
     """
 
     model: nn.Module
@@ -45,6 +64,7 @@ class Task:
     log_keys: Sequence[str] = ("loss",)  # loss-dict entries shown in the progress bar and log lines
     export_dir: str = STUDENT
     find_unused_parameters: bool = False  # DDP: set when some trainable parameters get no gradient
+    members: Sequence[Member] = ()  # several independently optimised parts (students); () = the model as one
 
     def train_loader(self, *, rank: int, world_size: int, seed: int) -> Iterable:
         raise NotImplementedError
@@ -53,6 +73,9 @@ class Task:
         raise NotImplementedError
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def export_member(self, model: nn.Module, name: str, out_dir: Path) -> None:
         raise NotImplementedError
 
     def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
