@@ -37,6 +37,10 @@ OPTIONS = (
     Opt("student.patch_size", ("--patch-size",), "Student patch size (tiny runs) (default: the architecture's).",
         MODEL, int),
     Opt("student.drop_path", ("--drop-path",), "Student drop path.", MODEL, float),
+    Opt("student.init", ("--student-init",), "random | a pretrained model of the student's architecture whose "
+        "weights it starts from: local-dir:DIR, a run dir, a registry name or hub tag.", MODEL),
+    Opt("student.freeze_blocks", ("--freeze-blocks",), "Keep the student's embeddings and first N blocks as "
+        "initialised (student.freeze: name patterns).", MODEL, int),
     Opt("distill.relation_blocks", ("--relation-blocks",), "MIM-teacher blocks whose q·kᵀ relations are distilled, "
         "0-based.", METHOD),
     Opt("distill.mask_blocks", ("--mask-blocks",), "Blocks entering which a masking step runs.", METHOD),
@@ -45,6 +49,8 @@ OPTIONS = (
     Opt("distill.masking", ("--masking",), "progressive | direct | random | none.", METHOD),
     Opt("distill.alpha", ("--alpha",), "Weight of the relation loss.", METHOD, float),
     Opt("distill.relation_heads", ("--relation-heads",), "match | mean (average relations over heads).", METHOD),
+    Opt("distill.teacher_drop", ("--teacher-drop",), "UNIC's teacher dropping: per image, each feature target's "
+        "loss is dropped with this probability (never the image's highest); 0: off (the paper).", METHOD, float),
     Opt("distill.teacher_dtype", ("--teacher-dtype",), "auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16: "
         "the teachers' weights and compute, whatever --mixed-precision says.", METHOD),
     Opt("distill.target_norm", ("--target-norm",), "layernorm (the paper) | standardize (running per-channel, "

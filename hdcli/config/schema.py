@@ -14,7 +14,7 @@ from typing import Any
 
 from hdcli.config.loading import load_config
 from hdcli.errors import HDError, did_you_mean
-from hdcli.method.names import MASKING, RELATION_HEADS, TEACHER_DTYPES, paper_blocks
+from hdcli.method.names import MASKING, METRIC_PREFIXES, RELATION_HEADS, TEACHER_DTYPES, paper_blocks
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "wandb")
@@ -124,10 +124,17 @@ class StudentConfig:
     patch_size: int | None = None  # override the architecture's patch size (tiny runs)
     drop_path: float = 0.2  # dBOT
     kwargs: dict = field(default_factory=dict)  # extra timm kwargs, e.g. {embed_dim = 48, depth = 12, num_heads = 3}
+    init: str = "random"  # random | a pretrained model of the same architecture: local-dir:DIR, a run dir, a hub tag
+    freeze_blocks: int = 0  # the embeddings and the first N blocks stay as initialised (with init: continued training)
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns kept frozen too (fnmatch: "blocks.0.*")
 
     def validate(self) -> None:
         if self.patch_size is not None and self.patch_size < 1:
             raise HDError(f"student.patch_size must be ≥ 1, got {self.patch_size}")
+        if self.freeze_blocks < 0:
+            raise HDError(f"student.freeze_blocks must be ≥ 0, got {self.freeze_blocks}")
+        if not self.init.strip():
+            raise HDError("student.init is empty", "random, local-dir:DIR, a run dir or a timm hub tag")
         if not 0 <= self.drop_path < 1:
             raise HDError(f"student.drop_path must lie in [0, 1), got {self.drop_path}")
         for bad in ("img_size", "patch_size", "num_classes", "drop_path_rate", "pretrained"):
@@ -158,6 +165,7 @@ class MethodConfig:
     targets: list[dict] = field(default_factory=list)  # general form: [{teacher, kind, blocks, weight}, ...]
     target_norm: str = "layernorm"  # layernorm (paper) | standardize (UNIC) | phis (AM-RADIO): feature targets' default
     teacher_dtype: str = "auto"  # the teachers' precision: auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16
+    teacher_drop: float = 0.0  # UNIC's teacher dropping: per image, each feature target's loss dropped with this p
     # several students from one teacher pass (docs/scale.md): names of timm archs, or tables with any of
     # STUDENT_KEYS ({arch, name, kwargs, blr, ...}); each trains as its own single-student run would
     students: list[dict | str] | None = None
@@ -171,6 +179,9 @@ class MethodConfig:
         _choice(self.masking, MASKING, "distill.masking")
         _choice(self.relation_heads, RELATION_HEADS, "distill.relation_heads")
         _choice(self.teacher_dtype, TEACHER_DTYPES, "distill.teacher_dtype")
+        if not 0 <= self.teacher_drop < 1:
+            raise HDError(f"distill.teacher_drop is a probability in [0, 1), got {self.teacher_drop}",
+                          "0 turns teacher dropping off (the paper); UNIC uses 0.5")
         if self.alpha < 0 or not self.beta > 0:
             raise HDError(f"distill.alpha must be ≥ 0 and distill.beta > 0, got {self.alpha}, {self.beta}")
         for what in ("relation_blocks", "mask_blocks", "student_relation_blocks"):
@@ -244,7 +255,7 @@ class DistillConfig:
 
 # a [[distill.students]] entry's keys -> the config key of its single-student run they set
 STUDENT_KEYS = {"arch": "student.arch", "patch_size": "student.patch_size", "kwargs": "student.kwargs",
-                "drop_path": "student.drop_path", "blr": "optim.blr", "lr": "optim.lr",
+                "drop_path": "student.drop_path", "init": "student.init", "freeze_blocks": "student.freeze_blocks", "blr": "optim.blr", "lr": "optim.lr",
                 "weight_decay": "optim.weight_decay", "drop_ratio": "distill.drop_ratio",
                 "relation_blocks": "distill.student_relation_blocks"}
 
@@ -280,6 +291,8 @@ def student_configs(cfg: DistillConfig) -> list[tuple[str, DistillConfig]]:
         name = str(entry.get("name", one.student.arch))
         if not name or any(c in name for c in "/\\") or name.startswith("."):
             raise HDError(f"{where}.name {name!r} cannot name a directory", "use letters, digits, '-', '_' or '.'")
+        if name in METRIC_PREFIXES:
+            raise HDError(f"{where}.name {name!r} is a metric's prefix ({name}/...)", "give the student another name")
         if name in (n for n, _ in out):
             raise HDError(f"two students are named {name!r}", f"give {where} its own name = \"...\"")
         out.append((name, one))

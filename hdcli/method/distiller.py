@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from hdcli.errors import HDError, did_you_mean
+from hdcli.method import heads as heads_lib
 from hdcli.method import signals
-from hdcli.method.heads import HEADS
-from hdcli.method.losses import BETA, LOSSES
+from hdcli.method.losses import BETA
 from hdcli.method.masking import Masking
 from hdcli.method.names import RELATION_HEADS, paper_blocks
-from hdcli.method.targets import KINDS, Hidden, Pair, Target, head_mean, student_value, wants
+from hdcli.method.targets import KINDS, Hidden, Pair, Target, at, head_mean, student_value, wants
 from hdcli.method.teacher import IMAGENET_MEAN, IMAGENET_STD, TeacherPass, TeacherTargets
 from hdcli.models import vit
 
@@ -32,8 +32,9 @@ from hdcli.models import vit
 @dataclass
 class DistillOutput:
     """loss = loss_feat + loss_rel (both weighted); keep [B, n] the kept patch indices (ascending, 0-based, prefix
-    tokens excluded); parts: each target's unweighted loss by name; signals (``detail``): ``cos/<target>`` and
-    ``attn/<target>/<student block>`` (:mod:`hdcli.method.signals`)."""
+    tokens excluded); parts: each target's unweighted loss by name (before any teacher dropping); signals
+    (``detail``): ``cos/<target>`` and ``attn/<target>/<student block>`` (:mod:`hdcli.method.signals`); dropped:
+    with teacher dropping, the fraction of this batch's images whose loss of each feature target was dropped."""
 
     loss: torch.Tensor
     loss_feat: torch.Tensor
@@ -41,6 +42,7 @@ class DistillOutput:
     keep: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    dropped: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # a pytree node, so that DDP (find_unused_parameters / static_graph) and torch.compile see its tensors
@@ -67,6 +69,8 @@ class Distiller(nn.Module):
         relation_heads: "match" (head counts must agree) or "mean" (relations averaged over heads).
         input_mean, input_std: the statistics the input images are normalised with (ImageNet).
         teacher_dtype: the teachers' precision (their weights are cast to it); None keeps them as they are.
+        teacher_drop: UNIC's teacher dropping (``drop_teachers``): in training, per image, each feature target's loss
+            is dropped with this probability, never the one with the highest loss; 0 (the paper): off.
         teacher_pass: an existing :class:`~hdcli.method.teacher.TeacherPass` over the same teachers and targets
             to use instead of building one (several students sharing one: it is then held, not registered, so
             its owner, e.g. :class:`~hdcli.method.students.Students`, keeps its statistics in ``state_dict``).
@@ -81,7 +85,7 @@ class Distiller(nn.Module):
                  drop_ratio: float = 0.3, masking: str = "progressive", beta: float = BETA,
                  relation_heads: str = "match", input_mean: Sequence[float] = IMAGENET_MEAN,
                  input_std: Sequence[float] = IMAGENET_STD, teacher_dtype: torch.dtype | None = None,
-                 teacher_pass: TeacherPass | None = None):
+                 teacher_drop: float = 0.0, teacher_pass: TeacherPass | None = None):
         super().__init__()
         vit.check_vit(student, "the student")
         if not targets:
@@ -94,6 +98,9 @@ class Distiller(nn.Module):
         self.student = student
         self.targets: tuple[Target, ...] = tuple(targets)
         self.beta, self.relation_heads = float(beta), relation_heads
+        if not 0 <= teacher_drop < 1:
+            raise HDError(f"teacher_drop is a probability in [0, 1), got {teacher_drop}", "0 turns it off (the paper)")
+        self.teacher_drop = float(teacher_drop)
         self.grid = tuple(int(g) for g in student.patch_embed.grid_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.img_size = tuple(g * p for g, p in zip(self.grid, vit.patch_size(student), strict=True))
@@ -106,14 +113,18 @@ class Distiller(nn.Module):
         else:  # held, not registered: its owner keeps it in the module tree
             object.__setattr__(self, "teacher_pass", teacher_pass)
         self.heads = nn.ModuleDict({p.key: head for t in self.targets for p, head in self._check(t).items()})
+        roles = vit.prefix_roles(student)  # the summary row of a target: the student's CLS, when compared
+        self._summary = {t.name: int("cls" in roles and roles.index("cls") in self.teacher_pass.tokens[t.name].student)
+                         for t in self.targets}
 
     def _check(self, t: Target) -> dict[Pair, nn.Module]:
         """Blocks in range for both models, attention that exposes q·kᵀ, head counts; the heads of ``t``."""
         s, tm = self.student, self.teacher_pass.model(t.teacher)
         if KINDS[t.kind].at == "final":
-            if t.blocks or t.student_blocks:
-                raise HDError(f"target {t.name}: features are taken after the final norm, not at blocks",
+            if t.blocks:
+                raise HDError(f"target {t.name}: features are taken after the teacher's final norm, not at blocks",
                               "use kind='block' for the output of an intermediate block")
+            vit.check_blocks(s, t.student_blocks or (), "the student", "ladder block")
         else:
             if not t.blocks:
                 raise HDError(f"target {t.name} needs at least one block")
@@ -126,7 +137,7 @@ class Distiller(nn.Module):
             vit.check_attention(tm, t.blocks, f"teacher {t.teacher!r}", f"target {t.name}")
             vit.check_attention(s, t.s_blocks, "the student", f"target {t.name}")
         if t.feature_like:
-            return {p: HEADS[t.head](vit.width(s), self.teacher_pass.width(t, p.teacher)) for p in t.pairs}
+            return {p: heads_lib.build(t.head, vit.width(s), self.teacher_pass.width(t, p.teacher)) for p in t.pairs}
         for p in t.pairs:  # relations: R is [B, H, T, T] on both sides
             ht, hs = vit.num_heads(tm, p.teacher), vit.num_heads(s, p.student)
             if ht != hs and self.relation_heads != "mean":
@@ -163,20 +174,47 @@ class Distiller(nn.Module):
 
     def loss(self, predictions: dict[Pair, torch.Tensor], targets: TeacherTargets, detail: bool = False) -> DistillOutput:
         """L = L_feat + L_rel (METHOD.md "Loss"): each target's loss averaged over its block pairs, weighted, and
-        summed by kind (feature-like targets into ``loss_feat``, relations into ``loss_rel``)."""
-        loss_feat = targets.keep.new_zeros((), dtype=torch.float32)
+        summed by kind (feature-like targets into ``loss_feat``, relations into ``loss_rel``). With teacher
+        dropping, ``loss_feat`` weighs each image's feature losses by what :func:`drop_teachers` keeps."""
         loss_rel = targets.keep.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
+        feat = [t for t in self.targets if t.feature_like]
+        dropping = self.training and self.teacher_drop > 0 and len(feat) > 1
+        per_image: dict[str, torch.Tensor] = {}
         for t in self.targets:
-            compare = LOSSES[t.loss]
-            part = sum(compare(predictions[p], targets.values[p.source], beta=self.beta) for p in t.pairs) / len(t.pairs)
+            one = dropping and t.feature_like  # per image: [B]
+            part = sum(self._term(t, predictions[p], targets.values[p.source], one) for p in t.pairs) / len(t.pairs)
+            if one:
+                per_image[t.name], part = part, part.mean()
             parts[t.name] = part
-            if t.feature_like:
-                loss_feat = loss_feat + t.weight * part
-            else:
+            if not t.feature_like:
                 loss_rel = loss_rel + t.weight * part
+        dropped = {}
+        if dropping:
+            losses = torch.stack([per_image[t.name] for t in feat])  # [T, B]
+            weights = torch.tensor([t.weight for t in feat], device=losses.device)[:, None]
+            keep = drop_teachers(losses.detach(), self.teacher_drop)
+            loss_feat = len(feat) * (keep * weights * losses).sum() / keep.sum()
+            dropped = {t.name: 1.0 - keep[i].mean() for i, t in enumerate(feat)}
+        else:
+            loss_feat = targets.keep.new_zeros((), dtype=torch.float32)
+            for t in feat:
+                loss_feat = loss_feat + t.weight * parts[t.name]
         return DistillOutput(loss=loss_feat + loss_rel, loss_feat=loss_feat, loss_rel=loss_rel, keep=targets.keep,
-                             parts=parts, signals=self._signals(predictions, targets) if detail else {})
+                             parts=parts, signals=self._signals(predictions, targets) if detail else {},
+                             dropped=dropped)
+
+    def _term(self, t: Target, pred: torch.Tensor, target: torch.Tensor, per_sample: bool) -> torch.Tensor:
+        """One loss term of ``t``: its loss over every row, or (``t.split``) ``summary_weight`` × the summary row's
+        loss + (1 − ``summary_weight``) × the other rows' (the patch loss alone when no summary row is compared)."""
+        if not t.split:
+            return t.loss(pred, target, self.beta, per_sample)
+        n = self._summary[t.name]
+        patch = (t.patch_loss or t.loss)(pred[:, n:], target[:, n:], self.beta, per_sample)
+        if not n:
+            return patch
+        summary = (t.summary_loss or t.loss)(pred[:, :n], target[:, :n], self.beta, per_sample)
+        return t.summary_weight * summary + (1 - t.summary_weight) * patch
 
     def _signals(self, predictions: dict[Pair, torch.Tensor], targets: TeacherTargets) -> dict[str, torch.Tensor]:
         """``cos/<target>``: cosine of the head's output and a feature-like target (mean over its blocks);
@@ -233,10 +271,23 @@ class Distiller(nn.Module):
         embedding), where :func:`hdcli.method.signals.grad_shares` compares the targets. A value entering block i
         depends fully on blocks < i, one leaving it on blocks ≤ i, the final features on all."""
         last = {"enter": lambda b: b - 1, "leave": lambda b: b, "final": lambda b: vit.depth(self.student) - 1}
-        return min(last[KINDS[t.kind].at](p.student) for t in self.targets for p in t.pairs)
+        return min(last[at(t, p, "student")](p.student) for t in self.targets for p in t.pairs)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters of :attr:`shared_block` (the patch embedding when it is -1)."""
         b = self.shared_block
         module = self.student.blocks[b] if b >= 0 else self.student.patch_embed
         return [p for p in module.parameters() if p.requires_grad]
+
+
+def drop_teachers(losses: torch.Tensor, p: float) -> torch.Tensor:
+    """UNIC's teacher dropping (``modeling/teacher_dropping.py``): which (feature target, image) losses count.
+
+    losses: [T, B] each target's loss per image. Each entry is dropped with probability ``p`` (a uniform draw
+    below ``p``), except the target with the highest loss of each image, which is always kept (so every image
+    keeps at least one). -> [T, B] float, 1 = kept. The caller averages over the kept entries.
+    """
+    keep = (torch.rand(losses.shape, device=losses.device) >= p).float()  # [T, B]
+    worst = losses.argmax(dim=0)  # [B]
+    keep[worst, torch.arange(losses.shape[1], device=losses.device)] = 1.0
+    return keep

@@ -93,7 +93,14 @@ def targets_from_config(dc) -> tuple[list[Target], str | None]:
                           "give one of them a name: [[distill.targets]] name = \"...\" (a teacher listed twice in "
                           "--teachers gives its features twice: list it once)")
     mask_teacher = dc.mask_teacher or dc.teachers[0]
-    return targets, (label[mask_teacher] if masking_of(dc).needs_teacher else None)
+    mask_label = label[mask_teacher] if masking_of(dc).needs_teacher else None
+    used = {t.teacher for t in targets} | {mask_label}
+    for name in dc.teachers:
+        if label[name] not in used:
+            raise HDError(f"teacher {name!r} is used by no target" + (" (and masking does not look at it)"
+                                                                       if dc.targets else ""),
+                          "drop it from distill.teachers, or add a [[distill.targets]] entry for it")
+    return targets, mask_label
 
 
 def _target(entry: dict, label: Mapping[str, str], dc, where: str) -> Target:
@@ -130,7 +137,7 @@ def build(student: nn.Module, teachers: Mapping[str, nn.Module], dc, *, teacher_
     by_label = dict(zip(labels(list(dc.teachers)), (teachers[n] for n in dc.teachers), strict=True))
     return Distiller(student, by_label, targets, mask_teacher=mask_teacher, mask_blocks=tuple(dc.mask_blocks),
                      drop_ratio=dc.drop_ratio, masking=dc.masking, beta=dc.beta, relation_heads=dc.relation_heads,
-                     teacher_dtype=teacher_dtype, teacher_pass=teacher_pass)
+                     teacher_dtype=teacher_dtype, teacher_drop=dc.teacher_drop, teacher_pass=teacher_pass)
 
 
 def teacher_dtype(name: str, device_type: str) -> torch.dtype:

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 MASKING = ("progressive", "direct", "random", "none")  # paper Tab. 8
 RELATION_HEADS = ("match", "mean")  # relations per head (head counts must agree) or averaged over heads
+METRIC_PREFIXES = ("part", "share", "cos", "attn", "drop", "knn", "probe")  # a run's records: part/<target>, ...
 TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")  # the teachers' own precision (auto: bf16 on CUDA, fp32 on the CPU)
 
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from hdcli.errors import HDError, did_you_mean
-from hdcli.method.heads import HEADS
-from hdcli.method.losses import LOSSES
+from hdcli.method.heads import HeadSpec
+from hdcli.method.losses import LossSpec
 from hdcli.method.norms import NORMS
 from hdcli.models import vit
 
@@ -79,18 +79,29 @@ class Pair(NamedTuple):
         """What the teacher side gives this term: (target name, teacher block), whatever the student's block."""
         return self.target, self.teacher
 
+    @property
+    def source_key(self) -> str:
+        """The name of the target normaliser of :attr:`source` in ``state_dict`` (``key`` without a ladder's
+        student block)."""
+        base = self.target.replace("/", "_").replace(".", "_")
+        return base if self.teacher is None else f"{base}_{self.teacher}"
+
 
 @dataclass(frozen=True)
 class Target:
     """One distillation target: what to take from which teacher, where, and how it is compared.
 
     ``teacher``: the teacher's name; ``kind``: a key of :data:`KINDS`; ``blocks``: the teacher's blocks (empty
-    for ``features``); ``student_blocks``: the matching student blocks (default: the same indices). The loss
-    over several blocks is their mean, times ``weight``. ``name`` defaults to ``"<teacher>/<kind>"`` (the key in
-    ``out.parts`` and in the logged ``part/<name>``). ``norm``: how a feature-like target is normalised
-    (``norms.NORMS``); ``head``: how the student's tokens reach its width (``heads.HEADS``); ``loss``: how the
-    two are compared (``losses.LOSSES``). ``registers`` also matches register tokens; ``pooled`` gives the
-    student's CLS a teacher's pooled summary where the teacher has no CLS (``features`` only).
+    for ``features``); ``student_blocks``: the matching student blocks (default: the same indices; for
+    ``features``, student blocks whose outputs each learn the final features through a head of their own: a
+    "ladder", as UNIC's). The loss over several blocks is their mean, times ``weight``. ``name`` defaults to
+    ``"<teacher>/<kind>"`` (the key in ``out.parts`` and in the logged ``part/<name>``). ``norm``: how a
+    feature-like target is normalised (``norms.NORMS``); ``head``: how the student's tokens reach its width
+    (``heads.HeadSpec``: a name or a table); ``loss``: how the two are compared (``losses.LossSpec``: a name or
+    a weighted mix). ``summary_loss`` / ``patch_loss`` (feature-like targets): other losses for the summary row
+    (the student's CLS: the teacher's CLS or pooled summary) and for the other rows, weighted ``summary_weight``
+    and 1 − ``summary_weight`` (either left out: ``loss``). ``registers`` also matches register tokens;
+    ``pooled`` gives the student's CLS a teacher's pooled summary where the teacher has no CLS (``features``).
     """
 
     teacher: str
@@ -102,18 +113,30 @@ class Target:
     norm: str = "layernorm"
     registers: bool = False
     pooled: bool = True
-    head: str = "linear"
-    loss: str = "smooth_l1"
+    head: HeadSpec | str | dict = "linear"
+    loss: LossSpec | str | dict | list = "smooth_l1"
+    summary_loss: LossSpec | str | dict | list | None = None
+    patch_loss: LossSpec | str | dict | list | None = None
+    summary_weight: float = 0.5
 
     def __post_init__(self):
-        for what, value, table in (("kind", self.kind, KINDS), ("norm", self.norm, NORMS), ("head", self.head, HEADS),
-                                   ("loss", self.loss, LOSSES)):
+        for what, value, table in (("kind", self.kind, KINDS), ("norm", self.norm, NORMS)):
             if value not in table:
                 raise HDError(f"unknown target {what} {value!r}", f"use one of: {', '.join(table)}"
                               + (f" ({did_you_mean(str(value), table)})" if did_you_mean(str(value), table) else ""))
+        object.__setattr__(self, "head", HeadSpec.of(self.head))
+        for what in ("loss", "summary_loss", "patch_loss"):
+            if getattr(self, what) is not None:
+                object.__setattr__(self, what, LossSpec.of(getattr(self, what)))
         if self.norm != "layernorm" and not self.feature_like:
             raise HDError(f"norm = {self.norm!r} applies to feature-like targets, not {self.kind}",
                           "relations are compared as they are (METHOD.md): leave norm out")
+        if (self.summary_loss or self.patch_loss) and not self.feature_like:
+            raise HDError(f"summary_loss / patch_loss apply to feature-like targets, not {self.kind}",
+                          "give relations one loss")
+        w = self.summary_weight
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= 1:
+            raise HDError(f"summary_weight must lie in [0, 1], got {w!r}")
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
         if self.student_blocks is not None:
             object.__setattr__(self, "student_blocks", tuple(int(b) for b in self.student_blocks))
@@ -133,11 +156,19 @@ class Target:
 
     @property
     def pairs(self) -> tuple[Pair, ...]:
-        """The loss terms: one (None, None) for ``features``, else one per (teacher block, student block)."""
+        """The loss terms: one (None, None) for ``features`` (or one (None, s) per student block of a ladder), else
+        one per (teacher block, student block)."""
         key = self.name.replace("/", "_").replace(".", "_")
         if KINDS[self.kind].at == "final":
+            if self.student_blocks:  # a ladder: each student block's output, its own head, to the final features
+                return tuple(Pair(self.name, None, bs, f"{key}_s{bs}") for bs in self.student_blocks)
             return (Pair(self.name, None, None, key),)
         return tuple(Pair(self.name, bt, bs, f"{key}_{bt}") for bt, bs in zip(self.blocks, self.s_blocks, strict=True))
+
+    @property
+    def split(self) -> bool:
+        """Whether the summary row and the other rows have losses of their own."""
+        return self.summary_loss is not None or self.patch_loss is not None
 
 
 TARGET_KEYS = tuple(f for f in Target.__dataclass_fields__)  # the keys of a [[distill.targets]] entry
@@ -208,10 +239,17 @@ class Hidden:
         return self.features if at == "final" else (self.entering if at == "enter" else self.leaving)[block]
 
 
+def at(target: Target, pair: Pair, side: str) -> str:
+    """Where ``pair``'s value starts on ``side``: the kind's hidden state, except a ladder's student side (a
+    ``features`` target read from a student block's output)."""
+    if side == "student" and target.kind == "features" and pair.student is not None:
+        return "leave"
+    return KINDS[target.kind].at
+
+
 def wants(target: Target, side: str) -> list[tuple[str, int | None]]:
     """The hidden states ``target`` reads on ``side`` (``"teacher"`` or ``"student"``), for :meth:`Hidden.run`."""
-    at = KINDS[target.kind].at
-    return [(at, getattr(p, side)) for p in target.pairs]
+    return [(at(target, p, side), getattr(p, side)) for p in target.pairs]
 
 
 def teacher_value(target: Target, run: Hidden, pair: Pair, keep: torch.Tensor, match: TokenMatch) -> torch.Tensor:
@@ -238,7 +276,7 @@ def student_value(target: Target, run: Hidden, pair: Pair, match: TokenMatch) ->
     kind, model = KINDS[target.kind], run.model
     p = vit.num_prefix(model)
     block = None if pair.student is None else model.blocks[pair.student]
-    h = run.at(kind.at, pair.student)  # [B, P+n, D]
+    h = run.at(at(target, pair, "student"), pair.student)  # [B, P+n, D]
     if kind.gather_first:
         return kind.read(block, vit.select_prefix(h, p, match.student), run.rope, len(match.student))
     return vit.select_prefix(kind.read(block, h, run.rope, p), p, match.student)

@@ -135,7 +135,7 @@ class TeacherPass(nn.Module):
             vit.check_blocks(self._teachers[mask_teacher].model, masking.blocks, f"mask teacher {mask_teacher!r}",
                              "mask block")
         self.tokens: dict[str, TokenMatch] = {t.name: self._match(t, student_roles) for t in self.targets}
-        self.norms = nn.ModuleDict({p.key: norms.RunningNorm(t.norm, self.width(t, p.teacher))
+        self.norms = nn.ModuleDict({p.source_key: norms.RunningNorm(t.norm, self.width(t, p.teacher))
                                     for t in self.targets if t.norm != "layernorm" for p in t.pairs})
 
     def _match(self, t: Target, student_roles) -> TokenMatch:
@@ -198,8 +198,9 @@ class TeacherPass(nn.Module):
         least what :meth:`wanted` asks)."""
         with torch.no_grad():
             keep = self._keep(runs, images)
-            values = {p.source: self._target(t, p, teacher_value(t, runs[t.teacher], p, keep, self.tokens[t.name]))
-                      for t in self.targets for p in t.pairs}
+            sources = {p.source: (t, p) for t in self.targets for p in t.pairs}  # a ladder's terms share one
+            values = {src: self._target(t, p, teacher_value(t, runs[t.teacher], p, keep, self.tokens[t.name]))
+                      for src, (t, p) in sources.items()}
         return TeacherTargets(keep=keep, values=values)
 
     def _keep(self, runs: dict[str, Hidden], images: torch.Tensor) -> torch.Tensor:
@@ -217,7 +218,7 @@ class TeacherPass(nn.Module):
         head or averaged over heads."""
         if not t.feature_like:
             return head_mean(v) if self.relation_heads == "mean" else v
-        return norms.layernorm(v) if t.norm == "layernorm" else self.norms[pair.key](v)
+        return norms.layernorm(v) if t.norm == "layernorm" else self.norms[pair.source_key](v)
 
     def renormalised(self) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
         """name -> (mean, std) of each teacher that expects other input statistics than the images have."""

@@ -325,3 +325,26 @@ def pooled(model: nn.Module, last: torch.Tensor) -> torch.Tensor:
 def pooled_width(model: nn.Module) -> int:
     """Width of :func:`pooled` (timm's ``head_hidden_size``, else ``num_features``)."""
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def freeze(model: nn.Module, blocks: int = 0, patterns: Iterable[str] = ()) -> list[str]:
+    """Freeze (``requires_grad_(False)``) the embeddings and the first ``blocks`` blocks (with ``blocks`` > 0), and
+    every parameter whose name matches one of ``patterns`` (fnmatch, e.g. ``"blocks.1[01].*"``); the names frozen.
+    HDError for a block count beyond the depth or a pattern that matches nothing."""
+    from fnmatch import fnmatch
+
+    if blocks > depth(model):
+        raise HDError(f"freeze_blocks {blocks} is more than the student's {depth(model)} blocks",
+                      f"freeze at most {depth(model)}")
+    embeddings = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.")
+    frozen = []
+    for name, p in model.named_parameters():
+        block = name.startswith("blocks.") and int(name.split(".")[1]) < blocks
+        if (blocks and (name.startswith(embeddings) or block)) or any(fnmatch(name, pat) for pat in patterns):
+            p.requires_grad_(False)
+            frozen.append(name)
+    for pat in patterns:
+        if not any(fnmatch(n, pat) for n in frozen):
+            raise HDError(f"student.freeze pattern {pat!r} matches no parameter of the student",
+                          f"parameter names look like {next(n for n, _ in model.named_parameters())}, blocks.0.attn.qkv.weight")
+    return frozen

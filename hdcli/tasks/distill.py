@@ -44,11 +44,18 @@ def check_teacher_names(names: list[str]) -> None:
 
 
 def build_student(cfg: DistillConfig) -> nn.Module:
+    """The student: ``student.arch`` randomly initialised, or with the weights of ``student.init`` (a pretrained
+    model of the same architecture), the embeddings and first ``student.freeze_blocks`` blocks and the
+    ``student.freeze`` patterns frozen."""
     s = cfg.student
     model = teachers.create(s.arch, pretrained=False, num_classes=0, img_size=cfg.data.img_size,
                             patch_size=s.patch_size, drop_path_rate=s.drop_path, **s.kwargs)
     vit.check_vit(model, "the student")
     vit.check_student(model, cfg.data.img_size)
+    if s.init != "random":
+        with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random state
+            teachers.init_from(model, s.init)
+    vit.freeze(model, s.freeze_blocks, s.freeze)
     return model
 
 
@@ -176,7 +183,7 @@ class DistillTask(Task):
         methods = self.methods(self.model)
         for name, out in outs.items():
             own = {"loss": out.loss, "loss_feat": out.loss_feat, "loss_rel": out.loss_rel,
-                   **{f"part/{k}": v for k, v in out.parts.items()}}
+                   **{f"part/{k}": v for k, v in out.parts.items()}, **{f"drop/{k}": v for k, v in out.dropped.items()}}
             if detail:  # cosine / attention agreement, and each target's share of the gradient at the shared block
                 m = methods[name]
                 own.update(out.signals)

@@ -27,6 +27,7 @@ from hdcli.teachers.load import (
     encoder_state_dict,
     fetch,
     import_checkpoint,
+    init_from,
     load,
     load_student,
     read_checkpoint,
@@ -49,6 +50,6 @@ from hdcli.teachers.registry import (
 __all__ = [
     "HF_HUB", "LOCAL_DIR", "MANIFEST", "REGISTRY", "ROLES", "STATS", "WEIGHT_FILES", "_REGISTRY_HUB_IDS", "TeacherSpec",
     "cached_weights", "check_coverage", "check_dir", "create", "default_cache_dir", "describe", "encoder_state_dict", "fetch", "hub_source",
-    "import_checkpoint", "load", "load_student", "names", "probe_hub", "read_checkpoint", "resolve", "student_dir",
+    "import_checkpoint", "init_from", "load", "load_student", "names", "probe_hub", "read_checkpoint", "resolve", "student_dir",
     "write_cache_entry", "write_manifest",
 ]

@@ -383,6 +383,26 @@ def check_coverage(model: nn.Module, weights: str | os.PathLike, *, fresh: tuple
                       "config.json and model.safetensors must come from the same save (hd writes both)")
 
 
+def init_from(model: nn.Module, name: str, *, cache_dir: str | None = None) -> None:
+    """Copy the weights of the pretrained model ``name`` (``local-dir:DIR``, a run dir or its ``student/``, a
+    registry name or hub tag) into ``model`` (a student of the same architecture, e.g. continued or domain
+    distillation). HDError naming the first tensor that differs in name or shape; nothing is copied then."""
+    source = encoder_state_dict(load_student(name, cache_dir=cache_dir).state_dict())
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(_HEAD_PREFIXES) and k not in _HEAD_KEYS}
+    for k in sorted(own.keys() | source.keys(), key=lambda k: (k not in own, list(own).index(k) if k in own else 0)):
+        if k not in source:
+            raise HDError(f"student.init {name!r} is another architecture: it has no {k} (the student's "
+                          f"{tuple(own[k].shape)})", "init from a model of the student's architecture and size")
+        if k not in own:
+            raise HDError(f"student.init {name!r} is another architecture: its {k} {tuple(source[k].shape)} has no "
+                          "place in the student", "init from a model of the student's architecture and size")
+        if tuple(own[k].shape) != tuple(source[k].shape):
+            raise HDError(f"student.init {name!r} is another architecture: {k} is {tuple(source[k].shape)} there, "
+                          f"{tuple(own[k].shape)} in the student", "init from a model of the student's architecture, "
+                          "size and image size")
+    model.load_state_dict(source, strict=False)
+
+
 def check_dir(d: str | os.PathLike, *, fresh: tuple[str, ...] = (), dropped: tuple[str, ...] = (),
               who: str = "the model", **timm_kwargs) -> None:
     """:func:`check_coverage` of a ``save_for_hf`` dir before its weights are loaded: the model its

@@ -51,6 +51,8 @@ PANELS = (
     Panel("signals.png", "Student vs target: cosine (features) and attention agreement (relations)", "agreement",
           _prefix("cos/", "attn/")),
     Panel("probe.png", "Head-distance / NMI probe of the student", "value", _prefix("probe/")),
+    Panel("teacher_drop.png", "Teacher dropping: share of images whose loss of a target was dropped", "dropped",
+          _prefix("drop/")),
 )
 
 
@@ -104,7 +106,7 @@ def renamed(records: list[dict], teachers: tuple[list[str], bool]) -> list[dict]
     knn = {old_key(n): lab for n, lab in zip(names, new, strict=True) if old_key(n) != lab and "/" not in n}
     if not swap and not knn:
         return records
-    signal = re.compile(r"^(part|share|cos|attn)/([^/]+)/(.*)$")
+    signal = re.compile(r"^(part|share|cos|attn|drop)/([^/]+)/(.*)$")
     only_new = set(new) - set(old)
     if not only_new or any((m := signal.match(k)) and m.group(2) in only_new for r in records for k in r):
         return records  # written with today's names (or the two schemes cannot be told apart)

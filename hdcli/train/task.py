@@ -13,8 +13,6 @@ from torch import nn
 from hdcli.rundir import STUDENT
 from hdcli.train.optim import param_groups_weight_decay
 
-RESERVED = ("part", "share", "cos", "attn", "knn", "probe")  # record namespaces a member may not be named
-
 
 @dataclass
 class Member:
