@@ -118,7 +118,7 @@ def test_student_init_copies_the_weights_and_refuses_another_architecture(tmp_pa
     from timm.models import save_for_hf
 
     from hdcli.config import DistillConfig, load_config
-    from hdcli.tasks.distill import build_student
+    from hdcli.method.models import build_student
 
     source = tiny_vit(seed=5)
     save_for_hf(source, str(tmp_path / "src"), safe_serialization=True)
@@ -209,7 +209,7 @@ def test_the_radio_and_unic_like_recipes_build_and_step_with_their_real_architec
     from hdcli.config import DistillConfig
     from hdcli.config.loading import load_config
     from hdcli.method.hybrid import build
-    from hdcli.tasks.distill import build_student, build_teacher
+    from hdcli.method.models import build_student, build_teacher
 
     cfg = load_config(DistillConfig, recipe=REPO / f"recipes/distill/{recipe}.toml")
     cfg.student.drop_path = 0.0

@@ -18,8 +18,8 @@ def _write(path, obj):
 
 
 def test_spread_is_the_population_std_over_heads():
-    assert demo._spread([1.0, 3.0]) == pytest.approx(1.0)
-    assert demo._spread([2.0, 2.0, 2.0]) == 0.0
+    assert demo.spread([1.0, 3.0]) == pytest.approx(1.0)
+    assert demo.spread([2.0, 2.0, 2.0]) == 0.0
 
 
 def test_summary_rows_read_results_and_analysis(tmp_path):

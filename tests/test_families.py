@@ -473,7 +473,7 @@ def test_the_family_recipes_build_and_step_with_their_real_architectures(recipe)
     from hdcli.config import DistillConfig
     from hdcli.config.loading import load_config
     from hdcli.method.hybrid import build
-    from hdcli.tasks.distill import build_student, build_teacher
+    from hdcli.method.models import build_student, build_teacher
 
     cfg = load_config(DistillConfig, recipe=REPO / f"recipes/distill/{recipe}.toml")
     cfg.student.drop_path = 0.0

@@ -209,7 +209,7 @@ def test_fmt_diff_is_ours_minus_paper_with_a_sign():
         ("+0.3", "-1.2", "+0.0", "—")
 
 
-def _finetuned(run_dir: Path, key: str, top1: float, epochs: int = 100, total: int = 100) -> None:
+def finetuned(run_dir: Path, key: str, top1: float, epochs: int = 100, total: int = 100) -> None:
     d = run_dir / f"ft-{key}"
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps({"top1": top1, "best_top1": top1 + 1, "epochs": epochs,
@@ -218,7 +218,7 @@ def _finetuned(run_dir: Path, key: str, top1: float, epochs: int = 100, total: i
 
 def test_report_puts_our_numbers_beside_the_papers_with_the_difference(tmp_path):
     run = tmp_path / "hybrid-mae-clip-vitb"
-    _finetuned(run, "in1k", 84.93)
+    finetuned(run, "in1k", 84.93)
     record(run, box_ap=51.0, mask_ap=44.4, miou=50.0)
     text = report("table1", tmp_path)
     assert "| Hybrid Distill† | ViT-B | ✓ | 85.1 | 84.9 | -0.2 | 50.6 | 51.0 | +0.4 | 44.4 | 44.4 | +0.0 | " \
@@ -231,7 +231,7 @@ def test_report_puts_our_numbers_beside_the_papers_with_the_difference(tmp_path)
 def test_report_table2_means_our_three_sets_and_flags_unfinished_runs(tmp_path):
     run = tmp_path / "distill-clip-vitb"
     for key, v in (("cifar100", 91.0), ("cars", 94.0), ("inat19", 80.0)):
-        _finetuned(run, key, v, epochs=50 if key == "inat19" else 100)
+        finetuned(run, key, v, epochs=50 if key == "inat19" else 100)
     text = report("table2", tmp_path)
     assert "| Distill-CLIP | ViT-B | 91.6 | 91.0 | -0.6 | 94.3 | 94.0 | -0.3 | 81.6 | 80.0* | -1.6 | 89.2 | 88.3* | -0.9 |" in text
     assert "distill-clip-vitb: inat19 not finished (epoch 50/100)" in text

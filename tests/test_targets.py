@@ -19,14 +19,22 @@ def test_a_target_is_named_by_its_teacher_and_kind_and_its_terms_pair_blocks():
 @pytest.mark.parametrize("kw, match", [
     ({"kind": "featurs"}, "unknown target kind 'featurs'.*features"),
     ({"kind": "features", "norm": "batchnorm"}, "unknown target norm"),
-    ({"kind": "features", "head": "mlp9"}, "unknown target head"),
-    ({"kind": "features", "loss": "l3"}, "unknown target loss"),
+    ({"kind": "features", "head": "mlp9"}, "unknown head kind 'mlp9'"),
+    ({"kind": "features", "loss": "l3"}, "unknown loss kind 'l3'"),
+    ({"kind": "features", "summary_weight": 1.5}, r"summary_weight must lie in \[0, 1\]"),
     ({"kind": "relations", "blocks": (9,), "norm": "phis"}, "applies to feature-like targets"),
     ({"kind": "block", "blocks": (-1,)}, "0-based"),
 ])
 def test_a_bad_target_is_one_line_naming_the_fix(kw, match):
     with pytest.raises(HDError, match=match):
         Target("t", **kw)
+
+
+def test_a_ladder_has_a_term_and_a_head_per_student_block():
+    t = Target("clip", "features", student_blocks=(3, 11))
+    assert [(p.teacher, p.student, p.key, p.source_key) for p in t.pairs] == [
+        (None, 3, "clip_features_s3", "clip_features"), (None, 11, "clip_features_s11", "clip_features")]
+    assert {p.source for p in t.pairs} == {("clip/features", None)}  # one target value serves both
 
 
 def test_only_relations_are_compared_without_a_head():
@@ -38,7 +46,7 @@ def test_a_recipe_target_takes_exactly_the_fields_of_target():
     from hdcli.config import DistillConfig, load_config
 
     assert {"teacher", "kind", "blocks", "weight", "student_blocks", "name", "norm", "registers", "pooled", "head",
-            "loss"} == set(TARGET_KEYS)
+            "loss", "summary_loss", "patch_loss", "summary_weight"} == set(TARGET_KEYS)
     with pytest.raises(HDError, match=r"distill.targets\[1\]: unknown target kind 'relation'"):
         load_config(DistillConfig, overrides={"distill.teachers": ["a", "b"], "distill.targets": [
             {"teacher": "a", "kind": "features"}, {"teacher": "b", "kind": "relation", "blocks": [1]}]})

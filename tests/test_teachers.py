@@ -83,7 +83,7 @@ def test_registry_hub_repos_are_timms():
     from timm.models import get_pretrained_cfg
 
     for name, spec in teachers.REGISTRY.items():
-        assert teachers._REGISTRY_HUB_IDS[name] == get_pretrained_cfg(spec.tag).hf_hub_id, name
+        assert teachers.REGISTRY_HUB_IDS[name] == get_pretrained_cfg(spec.tag).hf_hub_id, name
 
 
 def test_registry_families_prefix_tokens_and_input_statistics_are_timms():

@@ -73,6 +73,7 @@ class DistillBench:
     signals: bool = False  # alternate engine steps with and without the per-target signals (logged steps)
     data: str | None = None  # alternate engine steps fed by this source's real loader and by the synthetic batch
     students: int = 1  # N > 1: N students of the student arch, their step alternating with each one's single step
+    cached_targets: bool = False  # alternate online steps with steps fed from targets computed once (a cache)
     teacher_dtype: str = "auto"  # distill.teacher_dtype: the teachers' own precision
     workers: int | None = None  # data workers of the real loader (default: hdcli.data.default_num_workers)
     decode: str = "auto"  # data.decode of the real loader
@@ -89,7 +90,8 @@ class DistillBench:
         N + 1 with N students (all of them, then each alone), else 1."""
         if self.students > 1:
             return self.students + 1
-        return 2 if self.compare_drop_ratio is not None or self.signals or self.data is not None else 1
+        alternating = (self.compare_drop_ratio is not None, self.signals, self.data is not None, self.cached_targets)
+        return 2 if any(alternating) else 1
 
     def overrides(self) -> dict:
         """timm kwargs applied to the student and both teachers (tiny configs for the CPU)."""
@@ -142,9 +144,9 @@ def _check(b: DistillBench, device: torch.device) -> None:
         raise HDError(f"unknown --relation-heads {b.relation_heads!r}", did_you_mean(b.relation_heads, heads))
     if b.compare_drop_ratio is not None:
         check_drop_ratio(b.compare_drop_ratio)
-    if sum((b.compare_drop_ratio is not None, b.signals, b.data is not None, b.students > 1)) > 1:
-        raise HDError("--compare-drop-ratio, --signals, --data and --students each alternate the steps",
-                      "give one of them")
+    if sum((b.compare_drop_ratio is not None, b.signals, b.data is not None, b.students > 1, b.cached_targets)) > 1:
+        raise HDError("--compare-drop-ratio, --signals, --data, --students and --cached-targets each alternate the "
+                      "steps", "give one of them")
     if b.students < 1:
         raise HDError(f"--students must be at least 1, got {b.students}")
     from hdcli.method.names import TEACHER_DTYPES
@@ -282,6 +284,12 @@ def distill(b: DistillBench) -> dict:
         # a run computes them on one step in log_every (default 50): that step's extra time, spread over them
         result["signals"] = {"step_ms": median_ms(other_s), "signals_step_over_step": ratio,
                              "overhead_at_log_every_50": (ratio - 1) / 50}
+    elif b.cached_targets:
+        other_s = [clock.step(i) for i in range(w.first + 1, w.last, 2)]
+        samples["cached_step"] = [1e3 * x for x in other_s]
+        one = flops.of_method(method)
+        result["cached"] = {"step_ms": median_ms(other_s), "flop_model": one.student / one.total,
+                            "step_over_online": statistics.median(y / x for x, y in zip(step_s, other_s, strict=True))}
     elif b.students > 1:
         singles = [[clock.step(i) for i in range(w.first + k, w.last, per)] for k in range(1, per)]
         samples.update({f"single_{k}_step": [1e3 * x for x in v] for k, v in enumerate(singles)})
@@ -346,7 +354,8 @@ def _record(b: DistillBench, cfg, w: Window, method, archs: tuple[str, str], *, 
         "drop_ratio": b.drop_ratio, "masking": b.masking, "n_patches": method.num_patches, "n_keep": method.n_keep,
         "keep_fraction": method.n_keep / method.num_patches, "relation_blocks": list(cfg.distill.relation_blocks),
         "mask_blocks": list(cfg.distill.mask_blocks), "relation_heads": cfg.distill.relation_heads,
-        "dtype": b.dtype, "teacher_dtype": b.teacher_dtype, "students": b.students, "compile": b.compile,
+        "dtype": b.dtype, "teacher_dtype": b.teacher_dtype, "students": b.students,
+        "cached_targets": b.cached_targets, "compile": b.compile,
         "steps": b.steps, "warmup": b.warmup,
         "step_time": "median over steps" if w.per_step else "mean over the window (synchronised at its ends)",
         "interleaved": bool(w.interleave and w.extras),

@@ -112,12 +112,13 @@ class OneOrAll(torch.nn.Module):
 def bench_task(cfg, batch, clock: Clock, *, stop_at: int, sync_every: bool, sync_at: set[int],
                 between: Callable[[object, int], None] | None = None, which: Callable[[int], int] | None = None,
                 compare_drop_ratio: float | None = None, signals: bool = False, real_data: bool = False,
-                debug_from: int | None = None):
+                cached_targets: bool = False, debug_from: int | None = None):
     """A DistillTask (the real one: same models, method and loss) fed by ``batch``. At the start of every
     step's loss it reads the clock, runs ``between(method, step)`` (outside the timed step) and reads the
     clock again; at call ``stop_at`` it raises Stop. With ``compare_drop_ratio`` the task's module
     alternates between its method and the same method at that drop ratio (``which(step)``: 0 or 1); with
-    ``signals`` odd steps compute the per-target signals (as a logged step of a run does).
+    ``signals`` odd steps compute the per-target signals (as a logged step of a run does); with ``cached_targets``
+    odd steps take the teacher pass's keep set and targets computed once for the batch (a target cache's step).
     ``debug_from``: from that step on, CUDA host syncs raise warnings (``torch.cuda.set_sync_debug_mode``)."""
     import copy
 
@@ -127,7 +128,7 @@ def bench_task(cfg, batch, clock: Clock, *, stop_at: int, sync_every: bool, sync
     class BenchTask(DistillTask):
         def __init__(self, cfg):
             super().__init__(cfg)
-            self.method = self.model
+            self.method, self.cached = self.model, None
             if self.members:  # several students: the parts and the FLOP model are one student's
                 self.method = next(iter(self.model.members.values()))
                 self.model = OneOrAll(self.model)
@@ -161,6 +162,18 @@ def bench_task(cfg, batch, clock: Clock, *, stop_at: int, sync_every: bool, sync
                 self.model.which = which(i)
             if signals:
                 detail = i % 2 == 1
+            if cached_targets and i % 2 == 1:
+                if self.cached is None:  # the teacher pass once, outside the timed steps
+                    from hdcli.data import normalize
+
+                    tp, x = self.method.teacher_pass, normalize(b[0])
+                    self.cached = tp.from_hidden(tp.hidden(x, tp.wanted()), x, normalise=False)
+                    sync(device)
+                clock.starts.append(time.perf_counter())
+                from hdcli.data import normalize
+
+                out = model(normalize(b[0]), detail=detail, cached=self.cached)
+                return {"loss": out.loss, "loss_feat": out.loss_feat, "loss_rel": out.loss_rel}
             clock.starts.append(time.perf_counter())
             return super().loss(model, b, detail=detail)
 
@@ -221,6 +234,7 @@ def run_engine(b, cfg, batch, w: Window):
                                which=(lambda i: i % 2) if b.compare_drop_ratio is not None else
                                (lambda i: i % w.per) if b.students > 1 else None,
                                compare_drop_ratio=b.compare_drop_ratio, signals=b.signals,
+                               cached_targets=b.cached_targets,
                                real_data=b.data is not None,
                                debug_from=w.first if debug else None)
     if w.cuda:

@@ -10,7 +10,7 @@ import importlib
 
 from hdcli.errors import HDError
 
-COMMANDS: list[str] = ["teachers", "pretrain", "distill", "finetune", "analyze", "plot", "export", "data", "bench", "reproduce", "report", "demo"]
+COMMANDS: list[str] = ["teachers", "pretrain", "distill", "cache", "finetune", "analyze", "plot", "export", "data", "bench", "reproduce", "report", "demo"]
 
 
 _ROOT: list = []  # the root app the commands were registered on (hdcli.cli.app)

@@ -47,6 +47,9 @@ def distill(
     students: Annotated[int, typer.Option(
         "--students", help="N > 1: N students of --student from one teacher pass; steps alternate the N-student "
         "step with each student's single step (reports their ratio).", rich_help_panel=RUN_PANEL)] = 1,
+    cached_targets: Annotated[bool, typer.Option(
+        "--cached-targets", help="Alternate the engine's steps with steps fed from the teacher pass's targets "
+        "computed once (what a target cache gives) and report their ratio.", rich_help_panel=RUN_PANEL)] = False,
     teacher_dtype: Annotated[str, typer.Option(
         "--teacher-dtype", help="auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16: the teachers' own "
         "precision (their parameter bytes are reported).", rich_help_panel=RUN_PANEL)] = "auto",
@@ -119,6 +122,7 @@ def distill(
     cfg = bench.DistillBench(
         student=student, teachers=(names[0], names[1]), batch_size=batch_size, drop_ratio=drop_ratio,
         masking=masking, compare_drop_ratio=compare_drop_ratio, signals=signals, students=students,
+        cached_targets=cached_targets,
         teacher_dtype=teacher_dtype, data=data, workers=data_workers, decode=decode, dtype=dtype, compile=compile,
         steps=steps, warmup=warmup, img_size=img_size,
         patch_size=patch_size, depth=depth, dim=dim, heads=heads, relation_heads=relation_heads, cpu=cpu,
@@ -158,6 +162,11 @@ def _print_distill(res: dict) -> None:
                   f"keep {cmp['n_keep']}/{c['n_patches']}, {cmp['gflops_per_image']:.2f} GFLOP/image")
         t.add_row("  step / that step", f"{cmp['step_over_compare']:.3f}",
                   f"FLOP model {res['gflops_per_image'] / cmp['gflops_per_image']:.3f}; neighbouring steps")
+    if "cached" in res:
+        ca = res["cached"]
+        t.add_row("step from cached targets", f"{ca['step_ms']:.1f} ms", "no teacher runs")
+        t.add_row("  cached / online", f"{ca['step_over_online']:.3f}",
+                  f"FLOP model {ca['flop_model']:.3f}; neighbouring steps")
     if "students" in res:
         st = res["students"]
         t.add_row("single-student steps", ", ".join(f"{x:.1f}" for x in st["single_step_ms"]) + " ms",

@@ -51,6 +51,8 @@ OPTIONS = (
     Opt("distill.relation_heads", ("--relation-heads",), "match | mean (average relations over heads).", METHOD),
     Opt("distill.teacher_drop", ("--teacher-drop",), "UNIC's teacher dropping: per image, each feature target's "
         "loss is dropped with this probability (never the image's highest); 0: off (the paper).", METHOD, float),
+    Opt("distill.targets_cache", ("--targets-cache",), "Train from a target cache written by hd cache-targets for "
+        "this recipe and data: no teacher is loaded or run (docs/scale.md).", METHOD),
     Opt("distill.teacher_dtype", ("--teacher-dtype",), "auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16: "
         "the teachers' weights and compute, whatever --mixed-precision says.", METHOD),
     Opt("distill.target_norm", ("--target-norm",), "layernorm (the paper) | standardize (running per-channel, "

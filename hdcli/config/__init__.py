@@ -7,6 +7,15 @@ that list only what differs, CLI overrides on top, and the resolved config writt
 Both are torch-free. The names below are the package's API (``from hdcli import config``).
 """
 
+from hdcli.config.distill import (
+    MASKING,
+    RELATION_HEADS,
+    STUDENT_KEYS,
+    DistillConfig,
+    EvalConfig,
+    MethodConfig,
+    student_configs,
+)
 from hdcli.config.loading import (
     apply_overrides,
     coerce,
@@ -29,34 +38,29 @@ from hdcli.config.schema import (
     FT_DATASETS,
     GLOBAL_POOLS,
     LINEAR_PROBE_DEFAULTS,
-    MASKING,
     MIXED_PRECISION,
     MIXUP_MODES,
     MODES,
-    RELATION_HEADS,
     SUPERVISED_DEFAULTS,
     TRACKERS,
     DataConfig,
-    DistillConfig,
-    EvalConfig,
     FinetuneConfig,
     FinetuneSection,
-    MethodConfig,
     OptimConfig,
     PretrainConfig,
     PretrainSection,
     StudentConfig,
     TrainConfig,
-    _choice,
+    check_choice,
     load_finetune,
     load_pretrain,
 )
 
 __all__ = [
     "ERASE_MODES", "FT_DATASETS", "GLOBAL_POOLS", "LINEAR_PROBE_DEFAULTS", "MASKING", "MIXED_PRECISION",
-    "MIXUP_MODES", "MODES", "RELATION_HEADS", "SUPERVISED_DEFAULTS", "TRACKERS", "DataConfig",
+    "MIXUP_MODES", "MODES", "RELATION_HEADS", "STUDENT_KEYS", "SUPERVISED_DEFAULTS", "TRACKERS", "DataConfig",
     "DistillConfig", "EvalConfig", "FinetuneConfig", "FinetuneSection", "MethodConfig", "OptimConfig", "PretrainConfig",
-    "PretrainSection", "StudentConfig", "TrainConfig", "_choice", "apply_overrides", "coerce", "dump_config",
+    "PretrainSection", "StudentConfig", "TrainConfig", "check_choice", "apply_overrides", "coerce", "dump_config",
     "from_dict", "identity_changes", "load_config", "load_finetune", "load_pretrain", "merge", "parse_assignments", "read_toml",
-    "save_config", "sections", "to_dict", "toml_value", "valid_keys", "validate",
+    "save_config", "sections", "student_configs", "to_dict", "toml_value", "valid_keys", "validate",
 ]

@@ -101,7 +101,10 @@ class TrainCrop:
 
     def __call__(self, data: bytes | Image.Image) -> torch.Tensor:
         img = Image.open(io.BytesIO(data)) if isinstance(data, bytes | bytearray) else data  # header only
-        c = self.sampler(*img.size)
+        return self.apply(data, img, self.sampler(*img.size))
+
+    def apply(self, data: bytes | Image.Image, img: Image.Image, c: Crop) -> torch.Tensor:
+        """The crop ``c`` of a sample (``data``: its bytes or a decoded image; ``img``: it opened, header only)."""
         big = self.draft and min(c.width, c.height) >= 2 * self.size
         if img is not data and img.format == "JPEG" and img.mode in ("RGB", "L") and not big:
             x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))

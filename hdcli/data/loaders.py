@@ -347,10 +347,11 @@ class Loader:
 
 
 class MapLoader(Loader):
-    """Loader over a map-style source (demo, fashion-mnist, cifar100, folder)."""
+    """Loader over a map-style source (demo, fashion-mnist, cifar100, folder), or any random-access records
+    (a target cache joined with its images: ``collate`` builds its batches)."""
 
     def __init__(self, records: Records, *, transform: Callable, num_workers: int, seed: int,
-                 epoch_steps: int | None, pin_memory: bool = False, **kw):
+                 epoch_steps: int | None, pin_memory: bool = False, collate: Callable = _collate, **kw):
         counts = SharedCounts()
         self.records = records
         self.sampler = _EpochBatches(len(records), batch_size=kw["batch_size"], world_size=kw["world_size"],
@@ -359,7 +360,7 @@ class MapLoader(Loader):
                          length=self.sampler.total, **kw)
         self.dataset = _MapDataset(records, transform, counts)
         self._dl = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=self.sampler, num_workers=num_workers, collate_fn=_collate,
+            self.dataset, batch_sampler=self.sampler, num_workers=num_workers, collate_fn=collate,
             persistent_workers=num_workers > 0, worker_init_fn=_worker_init, pin_memory=pin_memory)
 
     def _batches(self, epoch: int, start: int):

@@ -128,3 +128,58 @@ def open_shards(source: Source, split: str) -> ShardSet:
 
 
 
+
+
+class ShardRecords:
+    """Random access to the samples of WebDataset shards (``Records``' interface: ``len``, ``label(i)``, ``key(i)``,
+    ``raw(i)`` the image's bytes, ``load(i)`` the decoded RGB image): each tar's member headers are read once, then
+    a sample's image is one seek and one read. Used where samples are addressed by index (a target cache)."""
+
+    def __init__(self, shards: ShardSet, image_keys: tuple[str, ...]):
+        self.classes, self.where = shards.classes or [], shards.name
+        self.urls = list(shards.urls)
+        self.items: list[tuple[int, int, int, str, int]] = []  # (url index, offset, size, key, label)
+        for u, url in enumerate(self.urls):
+            self.items += _scan(url, image_keys, u)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def label(self, i: int) -> int:
+        return self.items[i][4]
+
+    def key(self, i: int) -> str:
+        return self.items[i][3]
+
+    def raw(self, i: int) -> bytes:
+        u, offset, size, _, _ = self.items[i]
+        with open(self.urls[u], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def load(self, i: int):
+        from hdcli.data.transforms import open_image
+
+        return open_image(self.raw(i))
+
+
+def _scan(url: str, image_keys: tuple[str, ...], u: int) -> list[tuple[int, int, int, str, int]]:
+    """(url index, data offset, size, key, label) of each sample of a shard with an image (the first of
+    ``image_keys`` present), in the order of the tar; label -1 without a ``cls`` member."""
+    from webdataset.tariterators import base_plus_ext
+
+    samples: dict[str, dict] = {}
+    try:
+        with tarfile.open(url) as tf:
+            for m in tf:
+                prefix, ext = base_plus_ext(m.name)
+                if not m.isreg() or not prefix or os.path.basename(m.name).startswith("__"):
+                    continue
+                entry = samples.setdefault(prefix, {})
+                if ext == "cls":
+                    entry["cls"] = int(tf.extractfile(m).read().strip() or -1)
+                elif ext in image_keys and "image" not in entry:
+                    entry["image"] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise HDError(f"cannot read shard {url}: {e}", "the tar is truncated or corrupt; copy or write it again") from None
+    return [(u, *s["image"], key, s.get("cls", -1)) for key, s in samples.items() if "image" in s]

@@ -148,12 +148,15 @@ class Distiller(nn.Module):
 
     # ---------------------------------------------------------------- forward = teacher pass + student pass
 
-    def forward(self, images: torch.Tensor, detail: bool = False) -> DistillOutput:
-        """images: float [B, 3, H, W] normalised with the input statistics -> DistillOutput."""
+    def forward(self, images: torch.Tensor, detail: bool = False, cached: TeacherTargets | None = None) -> DistillOutput:
+        """images: float [B, 3, H, W] normalised with the input statistics -> DistillOutput. ``cached``: the teacher
+        pass's keep set and targets for these images read from a target cache (not normalised): the teachers
+        do not run."""
         if tuple(images.shape[-2:]) != self.img_size:
             raise HDError(f"images are {tuple(images.shape[-2:])} px but the student expects {self.img_size}",
                           "resize the data to the student's img_size (the keep sets and teachers are set up for it)")
-        return self.student_pass(images, self.teacher_pass(images), detail=detail)
+        targets = self.teacher_pass(images) if cached is None else self.teacher_pass.normalise(cached)
+        return self.student_pass(images, targets, detail=detail)
 
     def student_pass(self, images: torch.Tensor, targets: TeacherTargets, detail: bool = False) -> DistillOutput:
         """The student on its prefix tokens + the kept patches only (gathered before block 0), its values for each

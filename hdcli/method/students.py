@@ -75,15 +75,26 @@ class Students(nn.Module):
     def teacher_input(self, name: str, images: torch.Tensor) -> torch.Tensor:
         return next(iter(self.members.values())).teacher_input(name, images)
 
-    def forward(self, images: torch.Tensor, detail: bool = False, only: str | None = None) -> dict[str, DistillOutput]:
+    def forward(self, images: torch.Tensor, detail: bool = False, only: str | None = None,
+                cached=None) -> dict[str, DistillOutput]:
         """images [B, 3, H, W] -> {name: DistillOutput} of every member (``only``: one member, with just its own
-        teacher pass: what its single-student run computes)."""
+        teacher pass: what its single-student run computes; ``cached``: the teacher pass read from a target
+        cache, which serves students that share one teacher pass)."""
         members = {only: self.members[only]} if only is not None else dict(self.members)
         first = next(iter(members.values()))
         if tuple(images.shape[-2:]) != first.img_size:
             raise HDError(f"images are {tuple(images.shape[-2:])} px but the students expect {first.img_size}",
                           "resize the data to the students' img_size")
         passes = list(dict.fromkeys(d.teacher_pass for d in members.values()))  # in the members' order
+        if cached is not None:
+            if len(passes) > 1:
+                raise HDError("a target cache holds one teacher pass, these students need several",
+                              "give the students one drop ratio and one set of targets")
+            targets, start, out = passes[0].normalise(cached), _rng_state(images.device), {}
+            for name, d in members.items():
+                _set_rng_state(images.device, start)
+                out[name] = d.student_pass(images, targets, detail=detail)
+            return out
         wanted: dict[str, list] = {}
         for p in passes:
             for teacher, w in p.wanted().items():

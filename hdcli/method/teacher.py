@@ -70,6 +70,17 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True):  # a teacher is always in eval mode
         return super().train(False)
 
+    def _apply(self, fn, *args, **kwargs):
+        if self.meta:  # an architecture without weights (a run from a target cache): only the adaptor moves
+            self.scale, self.shift = fn(self.scale), fn(self.shift)
+            return self
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def meta(self) -> bool:
+        """Whether the teacher is an architecture without weights (on the meta device): it cannot run."""
+        return next(self.model.parameters()).is_meta
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] normalised for the student -> [B, 3, h, w] in the teacher's normalisation, size, dtype."""
         if self.renorm:
@@ -193,15 +204,30 @@ class TeacherPass(nn.Module):
             return {name: self._teachers[name].run(images, wanted[name])
                     for name in sorted(wanted, key=lambda n: n != self.mask_teacher)}
 
-    def from_hidden(self, runs: Mapping[str, Hidden], images: torch.Tensor) -> TeacherTargets:
+    def from_hidden(self, runs: Mapping[str, Hidden], images: torch.Tensor, normalise: bool = True) -> TeacherTargets:
         """The keep set and every target from the teachers' hidden states ``runs`` (:meth:`hidden`, holding at
-        least what :meth:`wanted` asks)."""
+        least what :meth:`wanted` asks); ``normalise=False``: feature targets as the teacher gives them (what a
+        target cache stores; :meth:`normalise` finishes them)."""
         with torch.no_grad():
             keep = self._keep(runs, images)
-            sources = {p.source: (t, p) for t in self.targets for p in t.pairs}  # a ladder's terms share one
-            values = {src: self._target(t, p, teacher_value(t, runs[t.teacher], p, keep, self.tokens[t.name]))
-                      for src, (t, p) in sources.items()}
-        return TeacherTargets(keep=keep, values=values)
+            values = {src: self._shape(t, teacher_value(t, runs[t.teacher], p, keep, self.tokens[t.name]))
+                      for src, (t, p) in self.sources().items()}
+        targets = TeacherTargets(keep=keep, values=values)
+        return self.normalise(targets) if normalise else targets
+
+    def sources(self) -> dict[tuple[str, int | None], tuple[Target, Pair]]:
+        """Each value the teacher side gives (``Pair.source``) with a target and loss term it serves (a ladder's
+        terms share one)."""
+        return {p.source: (t, p) for t in self.targets for p in t.pairs}
+
+    def normalise(self, targets: TeacherTargets) -> TeacherTargets:
+        """Feature targets as the loss compares them (``t.norm``: LayerNorm per token, or running statistics
+        updated in training mode); relations as they are."""
+        with torch.no_grad():
+            values = {src: v if not t.feature_like else
+                      norms.layernorm(v) if t.norm == "layernorm" else self.norms[p.source_key](v)
+                      for src, (t, p) in self.sources().items() for v in (targets.values[src],)}
+        return TeacherTargets(keep=targets.keep, values=values)
 
     def _keep(self, runs: dict[str, Hidden], images: torch.Tensor) -> torch.Tensor:
         """The keep set [B, n_keep]: from the mask teacher's patch tokens entering its mask blocks, or drawn."""
@@ -213,12 +239,11 @@ class TeacherPass(nn.Module):
         return masking_lib.keep_set(self.masking, hiddens, batch=images.shape[0], n=self.num_patches,
                                     device=images.device, schedule=self.schedule)
 
-    def _target(self, t: Target, pair: Pair, v: torch.Tensor) -> torch.Tensor:
-        """A raw teacher value as the loss compares it: normalised (``t.norm``) when feature-like, relations per
-        head or averaged over heads."""
-        if not t.feature_like:
-            return head_mean(v) if self.relation_heads == "mean" else v
-        return norms.layernorm(v) if t.norm == "layernorm" else self.norms[pair.source_key](v)
+    def _shape(self, t: Target, v: torch.Tensor) -> torch.Tensor:
+        """Relations per head or averaged over heads (``relation_heads``); feature targets as they are."""
+        if not t.feature_like and self.relation_heads == "mean":
+            return head_mean(v)
+        return v
 
     def renormalised(self) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
         """name -> (mean, std) of each teacher that expects other input statistics than the images have."""

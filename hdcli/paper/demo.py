@@ -127,7 +127,7 @@ def finetune_overrides(student: Path, scale: Scale, *, linear_probe: bool, seed:
 
 # ---------------------------------------------------------------- running one stage
 
-def _trained(run: Path) -> bool:
+def trained(run: Path) -> bool:
     return (run / STUDENT / "config.json").is_file()
 
 
@@ -166,8 +166,8 @@ def _finished(result: dict) -> None:
         raise KeyboardInterrupt
 
 
-def _finetuned(run: Path) -> bool:
-    return _trained(run) and (run / RESULTS).is_file()
+def finetuned(run: Path) -> bool:
+    return trained(run) and (run / RESULTS).is_file()
 
 
 def run_analysis(out: Path, models: dict[str, Path], n_images: int, source: str = "demo") -> None:
@@ -184,7 +184,7 @@ def run_analysis(out: Path, models: dict[str, Path], n_images: int, source: str 
         analyze.write_json(out / f"{metric}.json", metric, len(images), entries)  # last: marks the stage done
 
 
-def _analysed(out: Path) -> bool:
+def analysed(out: Path) -> bool:
     from hdcli.tools import analyze
 
     return all((out / f"{m}.json").is_file() for m in analyze.METRICS)
@@ -196,11 +196,11 @@ def stages(out: Path, scale: Scale, seed: int = 0) -> list[Stage]:
     mae, sup, student = out / "mae", out / "sup", out / "student"
     teachers = [f"local-dir:{(mae / 'student').resolve()}", f"local-dir:{(sup / 'student').resolve()}"]
     plan = [
-        Stage("pretrain-mae", "pre-train the MAE teacher", mae, lambda: _trained(mae),
+        Stage("pretrain-mae", "pre-train the MAE teacher", mae, lambda: trained(mae),
               lambda: run_pretrain("mae", mae, scale, seed)),
-        Stage("pretrain-sup", "pre-train the supervised teacher", sup, lambda: _trained(sup),
+        Stage("pretrain-sup", "pre-train the supervised teacher", sup, lambda: trained(sup),
               lambda: run_pretrain("supervised", sup, scale, seed)),
-        Stage("distill", "hybrid-distil the student (progressive masking)", student, lambda: _trained(student),
+        Stage("distill", "hybrid-distil the student (progressive masking)", student, lambda: trained(student),
               lambda: run_distill(student, teachers, scale, seed)),
     ]
     for name in MODELS:
@@ -208,11 +208,11 @@ def stages(out: Path, scale: Scale, seed: int = 0) -> list[Stage]:
         for lp, kind in ((True, "probe"), (False, "finetune")):
             run = out / "eval" / f"{name}-{kind}"
             what = "linear-probe" if lp else "fine-tune"
-            plan.append(Stage(f"{kind}-{name}", f"{what} {name}", run, lambda run=run: _finetuned(run),
+            plan.append(Stage(f"{kind}-{name}", f"{what} {name}", run, lambda run=run: finetuned(run),
                               lambda run=run, src=src, lp=lp: run_finetune(run, src, scale, linear_probe=lp,
                                                                             seed=seed)))
     analysis = out / "analysis"
-    plan.append(Stage("analyze", "head distance and NMI", analysis, lambda: _analysed(analysis),
+    plan.append(Stage("analyze", "head distance and NMI", analysis, lambda: analysed(analysis),
                       lambda: run_analysis(analysis, {n: out / n / STUDENT for n in MODELS},
                                            scale.analysis_images)))
     return plan
@@ -249,7 +249,7 @@ def run_stages(plan: list[Stage], out: Path, *, force: bool = False) -> dict[str
 
 # ---------------------------------------------------------------- the report
 
-def _results(run: Path) -> dict | None:
+def results(run: Path) -> dict | None:
     return read_json(run / RESULTS)
 
 
@@ -269,7 +269,7 @@ def summary_rows(out: Path) -> list[dict]:
     analysis = read_analysis(out)
     rows = []
     for name in MODELS:
-        lp, ft = _results(out / "eval" / f"{name}-probe"), _results(out / "eval" / f"{name}-finetune")
+        lp, ft = results(out / "eval" / f"{name}-probe"), results(out / "eval" / f"{name}-finetune")
         hd, nm = analysis["head_distance"].get(name), analysis["nmi"].get(name)
         rows.append({"model": name, "method": LABELS[name], "distill": name == "student",
                      "probe_top1": lp and lp["top1"], "finetune_top1": ft and ft["top1"],
@@ -282,7 +282,7 @@ def _pct(v) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
-def _spread(per_head: list[float]) -> float:
+def spread(per_head: list[float]) -> float:
     m = sum(per_head) / len(per_head)
     return (sum((h - m) ** 2 for h in per_head) / len(per_head)) ** 0.5
 
@@ -297,7 +297,7 @@ def table_rows(rows: list[dict], relation_blocks: tuple[int, ...] = FULL.relatio
         out.append([
             r["method"], "✓" if r["distill"] else "", _pct(r["probe_top1"]), _pct(r["finetune_top1"]),
             "–" if not hd else f"{sum(hd) / len(hd):.2f}",
-            "–" if not blocks else f"{sum(_spread(hph[b]) for b in blocks) / len(blocks):.2f}",
+            "–" if not blocks else f"{sum(spread(hph[b]) for b in blocks) / len(blocks):.2f}",
             "–" if not nm else f"{nm[-1]:.3f}",
         ])
     return out

@@ -69,15 +69,15 @@ def stages(out: Path, scale: Scale, seeds: list[int], rows: list[str]) -> list[S
     mae, sup = out / "mae", out / "sup"
     names = {"mae": f"local-dir:{(mae / 'student').resolve()}", "sup": f"local-dir:{(sup / 'student').resolve()}"}
     plan = [
-        Stage("pretrain-mae", "pre-train the MAE teacher", mae, lambda: demo._trained(mae),
+        Stage("pretrain-mae", "pre-train the MAE teacher", mae, lambda: demo.trained(mae),
               lambda: demo.run_pretrain("mae", mae, scale, 0)),
-        Stage("pretrain-sup", "pre-train the supervised teacher", sup, lambda: demo._trained(sup),
+        Stage("pretrain-sup", "pre-train the supervised teacher", sup, lambda: demo.trained(sup),
               lambda: demo.run_pretrain("supervised", sup, scale, 0)),
     ]
     for t, path in (("mae", mae), ("sup", sup)):  # the teachers as references, seed 0
         for lp, kind in ((True, "probe"), (False, "finetune")):
             run = out / "eval" / f"{t}-{kind}"
-            plan.append(Stage(f"{t}/{kind}", f"{t} teacher: {kind}", run, lambda r=run: demo._finetuned(r),
+            plan.append(Stage(f"{t}/{kind}", f"{t} teacher: {kind}", run, lambda r=run: demo.finetuned(r),
                               lambda r=run, p=path, lp=lp: demo.run_finetune(r, p / STUDENT, scale,
                                                                               linear_probe=lp, seed=0)))
     for key in rows:
@@ -85,17 +85,17 @@ def stages(out: Path, scale: Scale, seeds: list[int], rows: list[str]) -> list[S
         for seed in seeds:
             run = out / key / f"seed{seed}"
             plan.append(Stage(f"{key}/seed{seed}/distill", f"{key} seed {seed}: distil", run / "distill",
-                              lambda r=run: demo._trained(r / "distill"),
+                              lambda r=run: demo.trained(r / "distill"),
                               lambda r=run, s=seed, d=d: demo.run_distill(r / "distill", scale=scale, seed=s, **d)))
             for lp, kind in ((True, "probe"), (False, "finetune")):
                 plan.append(Stage(f"{key}/seed{seed}/{kind}", f"{key} seed {seed}: {kind}", run / kind,
-                                  lambda r=run, k=kind: demo._finetuned(r / k),
+                                  lambda r=run, k=kind: demo.finetuned(r / k),
                                   lambda r=run, k=kind, s=seed, lp=lp: demo.run_finetune(
                                       r / k, r / "distill" / STUDENT, scale, linear_probe=lp, seed=s)))
     analysis = out / "analysis"
     models = {"mae": mae / STUDENT, "sup": sup / STUDENT,
               **{key: out / key / f"seed{seeds[0]}" / "distill" / STUDENT for key in rows}}
-    plan.append(Stage("analyze", "head distance and NMI", analysis, lambda: demo._analysed(analysis),
+    plan.append(Stage("analyze", "head distance and NMI", analysis, lambda: demo.analysed(analysis),
                       lambda: run_analysis(analysis, models, scale, rows)))
     return plan
 
@@ -126,13 +126,13 @@ def summary(out: Path, seeds: list[int], rows: list[str], scale: Scale) -> dict:
         r: dict = {"label": ROWS[key]["label"] if key in ROWS else demo.LABELS[key]}
         for kind in ("probe", "finetune"):
             if key in ROWS:
-                r[kind] = [x["top1"] for s in seeds if (x := demo._results(out / key / f"seed{s}" / kind))]
+                r[kind] = [x["top1"] for s in seeds if (x := demo.results(out / key / f"seed{s}" / kind))]
             else:
-                r[kind] = [x["top1"] for x in [demo._results(out / "eval" / f"{key}-{kind}")] if x]
+                r[kind] = [x["top1"] for x in [demo.results(out / "eval" / f"{key}-{kind}")] if x]
         hd, nm = entries["head_distance"].get(key), entries["nmi"].get(key)
         if hd:
             blocks = [b for b in scale.relation_blocks if b < len(hd["per_head"])]
-            r["head_distance_spread_rel"] = statistics.fmean(demo._spread(hd["per_head"][b]) for b in blocks)
+            r["head_distance_spread_rel"] = statistics.fmean(demo.spread(hd["per_head"][b]) for b in blocks)
             r["head_distance_mean"] = statistics.fmean(hd["per_block"])
             r["head_distance_per_block"] = hd["per_block"]
         if nm:

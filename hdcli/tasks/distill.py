@@ -19,56 +19,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hdcli import data, teachers, ui
+from hdcli import data, ui
 from hdcli.config import DistillConfig
-from hdcli.config.schema import student_configs
+from hdcli.config.distill import student_configs
 from hdcli.errors import HDError
 from hdcli.method import hybrid
+from hdcli.method.models import build_student, build_teacher, check_teacher_names
 from hdcli.method.signals import grad_shares
 from hdcli.method.students import Students
 from hdcli.models import vit
 from hdcli.rundir import STUDENT
 from hdcli.seeding import seed_all
-from hdcli.teachers.registry import RANDOM, labels
+from hdcli.teachers.registry import labels
 from hdcli.train.task import Member, Task
-
-
-def check_teacher_names(names: list[str]) -> None:
-    """Resolve every teacher name now (cheap), so typos fail before any model is built."""
-    for name in names:
-        if name.startswith(RANDOM):
-            if not name[len(RANDOM):]:
-                raise HDError(f"{name!r} names no architecture", "e.g. random:vit_base_patch16_224.mae")
-            continue
-        teachers.resolve(name)
-
-
-def build_student(cfg: DistillConfig) -> nn.Module:
-    """The student: ``student.arch`` randomly initialised, or with the weights of ``student.init`` (a pretrained
-    model of the same architecture), the embeddings and first ``student.freeze_blocks`` blocks and the
-    ``student.freeze`` patterns frozen."""
-    s = cfg.student
-    model = teachers.create(s.arch, pretrained=False, num_classes=0, img_size=cfg.data.img_size,
-                            patch_size=s.patch_size, drop_path_rate=s.drop_path, **s.kwargs)
-    vit.check_vit(model, "the student")
-    vit.check_student(model, cfg.data.img_size)
-    if s.init != "random":
-        with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random state
-            teachers.init_from(model, s.init)
-    vit.freeze(model, s.freeze_blocks, s.freeze)
-    return model
-
-
-def build_teacher(name: str, cfg: DistillConfig, index: int) -> nn.Module:
-    """A frozen, eval-mode teacher; ``random:ARCH`` ones seeded by their position in the list only. Building a
-    teacher leaves the global random state as it was: the student and its heads are drawn from the run's seed
-    alone, whichever teachers the run loads (and each of several students as in its own run)."""
-    with torch.random.fork_rng(devices=[]):
-        if name.startswith(RANDOM):
-            kwargs = {"img_size": cfg.data.img_size, **cfg.distill.teacher_kwargs, "num_classes": 0}
-            torch.manual_seed(1000 + index)
-            return teachers.create(name[len(RANDOM):], pretrained=False, **kwargs).requires_grad_(False).eval()
-        return teachers.load(name)
 
 
 def _fmt(v) -> str:
@@ -106,8 +69,8 @@ class DistillTask(Task):
         self.labels = dict(zip(dc.teachers, labels(dc.teachers), strict=True))  # name as given -> label in the logs
         models: dict[str, nn.Module] = {}
         for i, name in enumerate(dc.teachers):
-            if name not in models:  # the same teacher twice (Tc + T'c) is loaded once
-                models[name] = build_teacher(name, cfg, i)
+            if name not in models:  # the same teacher twice (Tc + T'c) is loaded once; from a cache: not at all
+                models[name] = build_teacher(name, cfg, i, meta=dc.targets_cache is not None)
         self.teacher_models = models  # name in distill.teachers -> frozen model (hybrid.build's input)
         self.monitor = self._monitor(cfg)
         self._t0, self._accelerator = time.perf_counter(), None
@@ -124,7 +87,10 @@ class DistillTask(Task):
             self.log_keys = ("loss", *(f"{name}/loss" for name, _ in runs))
         if self.monitor is not None:  # the latest evaluation stays in the progress bar
             self.log_keys = (*self.log_keys, *(self._key(name, "knn/student_cls") for name, _ in runs))
-        self._say_renormalised(next(iter(methods.values())))
+        first = next(iter(methods.values()))
+        self.cache = self._open_cache(cfg, first) if dc.targets_cache is not None else None
+        if self.cache is None:
+            self._say_renormalised(first)
         # without a features target the student's last blocks/norm get no gradient, and a student's attention-pool
         # head (SigLIP/PE style) never gets one: DDP must know
         self.find_unused_parameters = any(not any(t.kind == "features" for t in m.targets)
@@ -134,6 +100,26 @@ class DistillTask(Task):
                                                                                   students[name].blocks)):
                 raise HDError(f"the head-distance/NMI probe needs attention maps, which {one.student.arch}'s blocks "
                               "cannot expose", "set eval.probe_images = 0")
+
+    def _open_cache(self, cfg: DistillConfig, method) -> dict:
+        """The header of ``distill.targets_cache``, checked against this run: HDError naming the first difference
+        of what defines the targets (teachers, targets, keep settings, image size, grid, data, ...)."""
+        from hdcli.cache import layout
+        from hdcli.cache.write import open_source
+
+        cache = Path(cfg.distill.targets_cache).expanduser()
+        header = layout.read_header(cache)
+        mine = layout.describe(cfg, method, num_images=len(open_source(cfg)), views=header.get("views"),
+                               dtype=header.get("dtype"))
+        mine.pop("teacher_dtype")  # how the teachers ran when the cache was written: no teacher runs here
+        diff = layout.first_difference({k: header.get(k) for k in mine}, mine)
+        if diff:
+            raise HDError(f"the target cache {cache} was written for another run ({diff})",
+                          "train with the recipe and data it was written with, or write a cache for this run")
+        self.cache_keys = {layout.source_name(src): src for src in method.teacher_pass.sources()}
+        if ui.is_main_process():
+            ui.info(f"targets from {cache}: {header['views']} views per image, {header['dtype']}; no teacher is loaded")
+        return header
 
     @staticmethod
     def _key(member: str, key: str) -> str:
@@ -167,6 +153,12 @@ class DistillTask(Task):
                              f"{_fmt(std)}: the ImageNet-normalised images are re-normalised for it", soft_wrap=True)
 
     def train_loader(self, *, rank: int, world_size: int, seed: int):
+        if self.cache is not None:
+            from hdcli.cache import read
+
+            return read.loader(self.cfg, self.cfg.distill.targets_cache, self.cache, batch_size=self.cfg.train.batch_size,
+                               rank=rank, world_size=world_size, seed=seed,
+                               cuda=torch.cuda.is_available() and not self.cfg.train.cpu)
         return data.augmented_loader(self.cfg.data, self.cfg.train.batch_size, rank=rank, world_size=world_size,
                                      seed=seed, cuda=torch.cuda.is_available() and not self.cfg.train.cpu,
                                      source=self.source)
@@ -177,7 +169,12 @@ class DistillTask(Task):
         are ``<student>/loss``, ``<student>/part/...``."""
         images = data.normalize(batch[0])  # uint8 -> float on the device (ImageNet statistics)
         detail = detail and self.cfg.eval.signals
-        outs = model(images, detail=detail)
+        if self.cache is not None:
+            from hdcli.cache.read import targets_of
+
+            outs = model(images, detail=detail, cached=targets_of(batch, self.cache_keys))
+        else:
+            outs = model(images, detail=detail)
         outs = outs if self.members else {"": outs}
         res = {"loss": sum(o.loss for o in outs.values())} if self.members else {}
         methods = self.methods(self.model)
@@ -220,7 +217,9 @@ class DistillTask(Task):
         if self.monitor is None or start > 0:
             return None
         res: dict[str, float] = {}
-        for label, tm in model.teachers.items():
+        if self.cache is not None:
+            ui.info("the teachers' k-NN is not evaluated: a run from a target cache has no teacher")
+        for label, tm in ({} if self.cache is not None else model.teachers).items():
             res.update(self.monitor.evaluate(label, lambda x, label=label, tm=tm: token_features(tm, model.teacher_input(label, x)),
                                              accelerator))
         return {**res, **self.evaluate(model, accelerator, -1, 0)}

@@ -34,11 +34,11 @@ from hdcli.teachers.load import (
     student_dir,
 )
 from hdcli.teachers.registry import (
-    _REGISTRY_HUB_IDS,
     HF_HUB,
     LOCAL_DIR,
     MANIFEST,
     REGISTRY,
+    REGISTRY_HUB_IDS,
     ROLES,
     STATS,
     WEIGHT_FILES,
@@ -48,7 +48,7 @@ from hdcli.teachers.registry import (
 )
 
 __all__ = [
-    "HF_HUB", "LOCAL_DIR", "MANIFEST", "REGISTRY", "ROLES", "STATS", "WEIGHT_FILES", "_REGISTRY_HUB_IDS", "TeacherSpec",
+    "HF_HUB", "LOCAL_DIR", "MANIFEST", "REGISTRY", "ROLES", "STATS", "WEIGHT_FILES", "REGISTRY_HUB_IDS", "TeacherSpec",
     "cached_weights", "check_coverage", "check_dir", "create", "default_cache_dir", "describe", "encoder_state_dict", "fetch", "hub_source",
     "import_checkpoint", "init_from", "load", "load_student", "names", "probe_hub", "read_checkpoint", "resolve", "student_dir",
     "write_cache_entry", "write_manifest",

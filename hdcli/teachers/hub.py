@@ -21,11 +21,11 @@ if TYPE_CHECKING:
 
 from hdcli.rundir import write_json
 from hdcli.teachers.registry import (
-    _REGISTRY_HUB_IDS,
     HF_HUB,
     LOCAL_DIR,
     MANIFEST,
     REGISTRY,
+    REGISTRY_HUB_IDS,
     WEIGHT_FILES,
     TeacherSpec,
     resolve,
@@ -48,11 +48,11 @@ def default_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
 
 
-def _is_offline(offline: bool | None) -> bool:
+def is_offline(offline: bool | None) -> bool:
     if offline is not None:
         return offline
     from huggingface_hub import constants
@@ -70,7 +70,7 @@ def hub_source(spec: str | TeacherSpec) -> tuple[str, tuple[str, ...], str | Non
         repo, _, rev = spec.tag[len(HF_HUB):].partition("@")
         return repo, ("open_clip_model.safetensors", *WEIGHT_FILES, "open_clip_pytorch_model.bin"), rev or None
     if spec.name in REGISTRY and REGISTRY[spec.name] == spec:
-        return _REGISTRY_HUB_IDS[spec.name], WEIGHT_FILES, None
+        return REGISTRY_HUB_IDS[spec.name], WEIGHT_FILES, None
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(spec.tag)
@@ -89,7 +89,7 @@ def cached_weights(spec: str | TeacherSpec, cache_dir: str | os.PathLike | None 
     if src is None:
         return None
     repo, files, rev = src
-    cache = _cache_dir(cache_dir)
+    cache = resolve_cache_dir(cache_dir)
     if _is_hf_hub(spec) and not isinstance(try_to_load_from_cache(repo, "config.json", cache_dir=cache,
                                                                       revision=rev), str):
         return None  # hf-hub: repos need their config.json too
@@ -113,7 +113,7 @@ def _ways_out(spec: TeacherSpec) -> str:
             f"`hd fetch-teachers {spec.name} --from-file {spec.name}=PATH`")
 
 
-def _missing(spec: TeacherSpec, cache: Path, why: str = "offline mode") -> HDError:
+def missing_weights(spec: TeacherSpec, cache: Path, why: str = "offline mode") -> HDError:
     return HDError(f"teacher '{spec.name}' ({spec.tag}) is not in the hub cache {cache} ({why})",
                    _ways_out(spec))
 
@@ -133,7 +133,7 @@ def probe_hub(spec: TeacherSpec, cache_dir: str | os.PathLike | None = None) -> 
     if src is None:
         return
     repo, files, rev = src
-    cache = _cache_dir(cache_dir)
+    cache = resolve_cache_dir(cache_dir)
     url = hf_hub_url(repo, files[0], revision=rev)
     try:
         get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
@@ -143,7 +143,7 @@ def probe_hub(spec: TeacherSpec, cache_dir: str | os.PathLike | None = None) -> 
         raise HDError(f"the hub has no repo {repo} for teacher '{spec.name}' ({spec.tag}), or it is gated/private",
                       "log in with `hf auth login` if it is gated, else check the name") from e
     except OfflineModeIsEnabled as e:
-        raise _missing(spec, cache) from e
+        raise missing_weights(spec, cache) from e
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         raise HDError(f"the hub answered HTTP {status} for teacher '{spec.name}' ({spec.tag}); "

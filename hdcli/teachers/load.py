@@ -16,12 +16,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 from hdcli.teachers.hub import (
-    _cache_dir,
-    _is_offline,
-    _missing,
     cached_weights,
     hub_source,
+    is_offline,
+    missing_weights,
     probe_hub,
+    resolve_cache_dir,
     sha256,
     write_cache_entry,
     write_manifest,
@@ -34,7 +34,7 @@ def _build(spec: TeacherSpec, *, cache_dir, offline: bool | None, **kwargs) -> n
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    cache = _cache_dir(cache_dir)
+    cache = resolve_cache_dir(cache_dir)
     tag, overlay = spec.tag, None
     if tag.startswith(LOCAL_DIR):
         read_model_config(tag.removeprefix(LOCAL_DIR))
@@ -44,15 +44,15 @@ def _build(spec: TeacherSpec, *, cache_dir, offline: bool | None, **kwargs) -> n
             tag = LOCAL_DIR + str(weights.parent)  # the snapshot holds config.json + weights: no network
         elif weights is not None:
             overlay = {"file": str(weights)}  # timm's own file path: same filter fn, no network
-        elif _is_offline(offline):
-            raise _missing(spec, cache)
+        elif is_offline(offline):
+            raise missing_weights(spec, cache)
         else:
             probe_hub(spec, cache)
     try:
         return _create_model(tag, pretrained=True, pretrained_cfg_overlay=overlay,
                              cache_dir=str(cache) if cache_dir else None, **kwargs)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        raise _missing(spec, cache, why="not found while loading") from e
+        raise missing_weights(spec, cache, why="not found while loading") from e
     except HDError:
         raise
     except Exception as e:  # a weights file cut by an interrupted copy or download (issue 10)
@@ -222,7 +222,7 @@ def import_checkpoint(name: str | TeacherSpec, path: str | os.PathLike, *,
                       "is it a checkpoint of this architecture (MAE .pth, CLIP visual.*, DeiT, timm, safetensors)?"
                       ) from e
     model.pretrained_cfg.pop("state_dict", None)  # don't keep a second copy of the weights around
-    return write_cache_entry(model, repo, _cache_dir(cache_dir))
+    return write_cache_entry(model, repo, resolve_cache_dir(cache_dir))
 
 
 def describe(spec: TeacherSpec, model: nn.Module, weights: Path | None, cache_dir: Path,
@@ -264,18 +264,18 @@ def fetch(teachers: Iterable[str], *, cache_dir: str | os.PathLike | None = None
     """Put each teacher into the hub cache (download, or import from ``from_files[name]``), load it once to
     verify, and record it in ``<cache_dir>/teachers.json``. With ``offline`` only verifies the cache.
     Returns the manifest records in order. ``progress(name, i, n)`` is called before each teacher."""
-    cache = _cache_dir(cache_dir)
+    cache = resolve_cache_dir(cache_dir)
     from_files = dict(from_files or {})
     wanted = list(dict.fromkeys([*teachers, *from_files]))
     if not wanted:
         raise HDError("no teachers given", f"name some, e.g. `hd fetch-teachers mae,clip`; registry: {', '.join(names())}")
     specs = [resolve(n) for n in wanted]  # all names checked before any download
-    offline = _is_offline(offline)
+    offline = is_offline(offline)
     for spec in specs:  # fail fast, before minutes of downloads, on anything that cannot work
         if spec.name in from_files or spec.tag.startswith(LOCAL_DIR) or cached_weights(spec, cache):
             continue
         if offline:
-            raise _missing(spec, cache)
+            raise missing_weights(spec, cache)
         probe_hub(spec, cache)
     records = []
     for i, spec in enumerate(specs):

@@ -69,7 +69,7 @@ STATS = {  # what TeacherSpec.stats stands for (mean, std); tests/test_teachers.
 # The hub repos timm's pretrained_cfg names for the registry tags (the quickgelu CLIP tags share the
 # plain CLIP repos). Kept here so that cache checks (`--list`, `--offline`, the no-network probe) need
 # no timm import; tests/test_teachers.py checks them against timm.
-_REGISTRY_HUB_IDS: dict[str, str] = {
+REGISTRY_HUB_IDS: dict[str, str] = {
     "mae": "timm/vit_base_patch16_224.mae",
     "mae-l": "timm/vit_large_patch16_224.mae",
     "clip": "timm/vit_base_patch16_clip_224.openai",

@@ -1,0 +1,60 @@
+"""The models of a distillation config: the student (random, or initialised from a pretrained model of its
+architecture, partly frozen) and the frozen teachers (loaded, ``random:ARCH`` for smoke runs, or their
+architecture alone on the meta device for a run from a target cache). Shared by ``hd distill`` and
+``hd cache-targets``; reads the config's fields, imports no config."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from hdcli import teachers
+from hdcli.errors import HDError
+from hdcli.models import vit
+from hdcli.teachers.registry import RANDOM
+
+
+def check_teacher_names(names: list[str]) -> None:
+    """Resolve every teacher name now (cheap), so typos fail before any model is built."""
+    for name in names:
+        if name.startswith(RANDOM):
+            if not name[len(RANDOM):]:
+                raise HDError(f"{name!r} names no architecture", "e.g. random:vit_base_patch16_224.mae")
+            continue
+        teachers.resolve(name)
+
+
+def build_student(cfg) -> nn.Module:
+    """The student: ``student.arch`` randomly initialised, or with the weights of ``student.init`` (a pretrained
+    model of the same architecture), the embeddings and first ``student.freeze_blocks`` blocks and the
+    ``student.freeze`` patterns frozen."""
+    s = cfg.student
+    model = teachers.create(s.arch, pretrained=False, num_classes=0, img_size=cfg.data.img_size,
+                            patch_size=s.patch_size, drop_path_rate=s.drop_path, **s.kwargs)
+    vit.check_vit(model, "the student")
+    vit.check_student(model, cfg.data.img_size)
+    if s.init != "random":
+        with torch.random.fork_rng(devices=[]):  # loading draws nothing from the run's random state
+            teachers.init_from(model, s.init)
+    vit.freeze(model, s.freeze_blocks, s.freeze)
+    return model
+
+
+def build_teacher(name: str, cfg, index: int, *, meta: bool = False) -> nn.Module:
+    """A frozen, eval-mode teacher; ``random:ARCH`` ones seeded by their position in the list only. Building a
+    teacher leaves the global random state as it was: the student and its heads are drawn from the run's seed
+    alone, whichever teachers the run loads (and each of several students as in its own run). ``meta``: its
+    architecture only, on the meta device (no weights read or memory used: a run from a target cache)."""
+    with torch.random.fork_rng(devices=[]):
+        if name.startswith(RANDOM):
+            kwargs = {"img_size": cfg.data.img_size, **cfg.distill.teacher_kwargs, "num_classes": 0}
+            torch.manual_seed(1000 + index)
+            with torch.device("meta") if meta else nullcontext():
+                model = teachers.create(name[len(RANDOM):], pretrained=False, **kwargs)
+            return model.requires_grad_(False).eval()
+        if meta:
+            with torch.device("meta"):
+                return teachers.create(teachers.resolve(name).tag, num_classes=0).requires_grad_(False).eval()
+        return teachers.load(name)
