@@ -93,6 +93,61 @@ def test_cpu_and_gpu_paths_stay_within_a_level_of_the_reference(size):
             assert _mad(dev, want) <= 0.3
 
 
+@pytest.mark.parametrize("size", [(1001, 667), (1599, 1063), (1601, 1067)])
+def test_reduced_size_decoding_keeps_the_crop_where_the_size_does_not_divide(size):
+    """The DCT-scaled decode (a crop of at least twice the output) scales the crop box by Pillow's exact 1/k, not by
+    the rounded-up reduced size: before, these sizes were 2.2 levels off on average (a quarter pixel's shift)."""
+    ref, cpu = data.train_transform(224), TrainCrop(224)
+    diffs = []
+    for img in _photos():
+        jpg = _jpeg(img.resize(size))
+        for k in range(8):
+            with seeded(k):
+                want = ref(data.open_image(jpg))
+            with seeded(k):
+                diffs.append(_mad(cpu(jpg), want))
+    assert float(np.mean(diffs)) <= 1.5, diffs
+
+
+def test_16_bit_and_float_images_are_scaled_faithfully_or_refused():
+    grey = np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)
+    png = io.BytesIO()
+    Image.fromarray(grey).save(png, "PNG")  # mode I;16
+    assert Image.open(io.BytesIO(png.getvalue())).mode.startswith("I")
+    rgb = np.asarray(data.open_image(png.getvalue()))
+    assert rgb.shape == (48, 64, 3) and rgb[..., 0].min() == 0 and rgb[..., 0].max() == 255
+    assert abs(float(rgb[..., 0].mean()) - 127.5) < 1.5  # not 97 % white, as PIL's clipping convert gave
+    with seeded(0):
+        crop = TrainCrop(32)(png.getvalue())  # the cpu decode path converts the same way
+    assert 60 < float(crop.float().mean()) < 200
+    tif = io.BytesIO()
+    Image.fromarray(np.linspace(0, 1, 64 * 48).reshape(48, 64).astype(np.float32), "F").save(tif, "TIFF")
+    assert abs(float(np.asarray(data.open_image(tif.getvalue())).mean()) - 127.5) < 1.5
+    bad = np.ones((8, 8), dtype=np.float32)
+    bad[2, 3] = np.nan
+    tif = io.BytesIO()
+    Image.fromarray(bad, "F").save(tif, "TIFF")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        data.open_image(tif.getvalue())
+    with pytest.raises(ValueError, match="NaN or infinite"), seeded(0):
+        TrainCrop(8)(tif.getvalue())
+
+
+def test_shards_of_float_tiffs_keep_their_values_and_skip_non_finite_ones(tmp_path):
+    """hd data shards wrote a float TIFF as an all-black 8-bit PNG; now it is scaled as on every decode path."""
+    for c in range(2):
+        (tmp_path / "src" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(np.full((16, 16), 0.5 + 0.1 * c, dtype=np.float32), "F").save(tmp_path / "src" / f"c{c}" / "a.tif")
+    bad = np.full((16, 16), 0.5, dtype=np.float32)
+    bad[0, 0] = np.inf
+    Image.fromarray(bad, "F").save(tmp_path / "src" / "c0" / "b.tif")
+    info = data.write_shards(str(tmp_path / "src"), tmp_path / "wds", maxcount=10, splits=["train"])
+    assert info["splits"]["train"]["num_samples"] == 2  # the infinite one skipped as unreadable
+    loader = data.build_loader(tmp_path / "wds", img_size=16, batch_size=2, train=False, num_workers=0)
+    x, _ = next(iter(loader))
+    assert sorted(round(float(v)) for v in x.float().mean((1, 2, 3))) == [128, 153]  # 0.5 and 0.6 of 255
+
+
 def test_non_jpeg_samples_are_cropped_on_the_cpu_and_counted_as_fallbacks():
     img = _photos()[1].resize((200, 150))
     png = io.BytesIO()

@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import run_hd, tiny_vit
 
+from hdcli.errors import HDError
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -89,6 +91,20 @@ def test_grad_shares_are_the_gradient_norms_by_hand_and_sum_to_one():
     assert torch.equal(w.grad, a)
 
 
+def test_grad_shares_of_fp16_losses_use_the_gradient_scalers_scale():
+    """Under fp16 mixed precision the gradients of small losses flush to zero unless the losses are scaled first
+    (as the step's own backward scales them): the shares are then those of the unscaled losses."""
+    from hdcli.method.signals import grad_shares
+
+    w = torch.ones(4, dtype=torch.float16, requires_grad=True)
+    # fp32 losses of fp16 activations (as under autocast): their gradients at w, 1e-9 and 3e-9, flush to 0 in fp16
+    losses = {"a": (w * 1e-4).float().sum() * 1e-5, "b": (w * 3e-4).float().sum() * 1e-5}
+    flushed = grad_shares(losses, [w])
+    assert float(flushed["a"]) == float(flushed["b"]) == 0.0  # what an fp16 run logged before
+    shares = grad_shares(losses, [w], scale=65536.0)
+    assert float(shares["a"]) == pytest.approx(0.25, rel=1e-2) and float(shares["b"]) == pytest.approx(0.75, rel=1e-2)
+
+
 def test_attention_agreement_and_cosine_by_hand():
     from hdcli.method.signals import attention_agreement, cosine
 
@@ -148,7 +164,7 @@ def test_eval_sizes_defaults_caps_and_held_out():
 def test_eval_set_is_seeded_disjoint_and_split_across_ranks_in_one_order(tmp_path):
     from hdcli.watch.monitor import load_eval_set
 
-    kw = dict(img_size=32, samples=[40, 20], seed=3, num_workers=0)
+    kw = dict(img_size=32, samples=[40, 20], seed=3, num_workers=0, max_bad_fraction=0.001)
     bank, queries, what = load_eval_set("demo", rank=0, world=1, **kw)
     assert len(bank.labels) == 40 and len(queries.labels) == 20 and "val split" in what
     parts = [load_eval_set("demo", rank=r, world=3, **kw) for r in range(3)]
@@ -175,7 +191,7 @@ def test_shard_eval_set_reads_only_what_it_needs_and_splits_across_ranks(tmp_pat
     from hdcli.watch.monitor import embed_part, load_eval_set
 
     data.write_shards("demo", tmp_path / "wds", maxcount=200, shuffle=False)
-    kw = dict(img_size=32, samples=[40, 20], seed=0, num_workers=0)
+    kw = dict(img_size=32, samples=[40, 20], seed=0, num_workers=0, max_bad_fraction=0.001)
     bank, queries, what = load_eval_set(str(tmp_path / "wds"), rank=0, world=1, **kw)
     assert len(bank.labels) == 40 and len(queries.labels) == 20 and "val shards" in what
     parts = [load_eval_set(str(tmp_path / "wds"), rank=r, world=2, **kw) for r in range(2)]
@@ -336,3 +352,45 @@ def test_metric_names_of_older_runs_are_renamed_to_todays():
                                              "cos/vit_base_patch16_dinov3/features": 0.1}]
     today = [{"step": 1, "part/mae/relations": 0.5, "part/clip/features": 0.4}]
     assert renamed(today, (tiny, False)) == today and renamed(today, ([], False)) == today
+
+
+# ------------------------------------------------------------------ small or damaged eval sets (issue 24, items 5, 9, 13)
+
+def _monitor(source, **kw):
+    from hdcli.watch.monitor import KnnMonitor
+
+    return KnnMonitor(str(source), **{**dict(img_size=16, samples=None, k=20, temperature=0.07, seed=0, num_workers=0,
+                                             probe_images=0, max_bad_fraction=0.001), **kw})
+
+
+ONE_PROCESS = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"), is_main_process=True)
+
+
+def _folder(root: Path, n: int) -> Path:
+    from PIL import Image
+
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (20, 20), (9 * i, 50, 100 * (i % 2))).save(root / f"c{i % 2}" / f"{i}.png")
+    return root
+
+
+def test_a_bank_smaller_than_k_caps_k_with_a_warning_and_an_empty_bank_says_so(tmp_path, capfd):
+    mon = _monitor(_folder(tmp_path / "small", 29))  # 29 images, no val split: a bank of 2, one query
+    mon._setup(ONE_PROCESS)
+    assert len(mon.bank_labels) == 2 and mon.k == 2  # k = 20 would vote with 18 absent neighbours: 0 % always
+    assert "the k-NN bank holds 2 images, fewer than k = 20: k is 2" in capfd.readouterr().err
+    with pytest.raises(HDError, match="k-NN bank of .* is empty: its train split is too small"):
+        _monitor(_folder(tmp_path / "one", 1))._setup(ONE_PROCESS)  # was: "has no labels"
+
+
+def test_the_eval_set_has_the_runs_budget_of_unreadable_images(tmp_path):
+    from test_data import write_jpeg_shard
+
+    (tmp_path / "wds").mkdir()
+    write_jpeg_shard(tmp_path / "wds" / "train-000000.tar", 32, corrupt={1, 4, 9, 16, 25, 30})
+    with pytest.raises(HDError, match="raise max_bad_fraction"):
+        _monitor(tmp_path / "wds", samples=[20, 6])._setup(ONE_PROCESS)
+    mon = _monitor(tmp_path / "wds", samples=[20, 6], max_bad_fraction=0.5)  # --max-bad-fraction 0.5: the same
+    mon._setup(ONE_PROCESS)
+    assert len(mon.bank_labels) == 20 and mon.n_queries == 6

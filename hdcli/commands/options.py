@@ -126,8 +126,9 @@ def run_options(out: str, *, out_help: str = "Run directory: config.toml, metric
     continued and configured."""
     kw = inspect.Parameter.KEYWORD_ONLY
     return [
-        inspect.Parameter("recipe", kw, default=None, annotation=Annotated[Path | None, typer.Option(
-            "--recipe", help=recipe_help, rich_help_panel=RUN, show_default=False)]),
+        inspect.Parameter("recipe", kw, default=None, annotation=Annotated[list[Path] | None, typer.Option(
+            "--recipe", help=recipe_help + " Repeatable: recipes are layered in order, later keys win.",
+            rich_help_panel=RUN, show_default=False)]),
         inspect.Parameter("out", kw, default=Path(out), annotation=Annotated[Path, typer.Option(
             "--out", "-o", help=out_help, rich_help_panel=RUN)]),
         inspect.Parameter("resume", kw, default=None, annotation=Annotated[str | None, typer.Option(

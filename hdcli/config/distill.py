@@ -14,6 +14,7 @@ from hdcli.config.schema import (
     TrainConfig,
     check_choice,
     check_positive,
+    check_schedule,
 )
 from hdcli.errors import HDError, did_you_mean
 from hdcli.method.names import MASKING, METRIC_PREFIXES, RELATION_HEADS, TEACHER_DTYPES, paper_blocks
@@ -121,6 +122,7 @@ class DistillConfig:
     IDENTITY = ("student", "distill", "data.img_size")
 
     def validate(self) -> None:
+        check_schedule(self)
         if self.distill.students is not None:
             student_configs(self)  # each student's own config, validated as a run of its own
             if self.train.mixed_precision == "fp16":

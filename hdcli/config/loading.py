@@ -190,11 +190,12 @@ def validate(cfg) -> None:
 
 def load_config(cls, recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
                 base: str | os.PathLike | None = None, *, preset=None):
-    """Defaults <- preset <- ``base`` (a resolved config.toml, when resuming) <- recipe <- CLI overrides;
+    """Defaults <- preset <- ``base`` (a resolved config.toml, when resuming) <- recipe(s) <- CLI overrides;
     validated. ``preset(layers, overrides)`` may return ``(nested dict, where)`` applied over the defaults
     (e.g. the linear-probe recipe when one of the layers turns linear probing on), or None."""
     overrides = overrides or {}
-    layers = [(read_toml(path), str(path)) for path in (base, recipe) if path is not None]
+    recipes = list(recipe) if isinstance(recipe, list | tuple) else [recipe]  # several: layered, later keys win
+    layers = [(read_toml(path), str(path)) for path in (base, *recipes) if path is not None]
     cfg = cls()
     chosen = preset(layers, overrides) if preset is not None else None
     if chosen is not None:

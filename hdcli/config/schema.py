@@ -227,6 +227,7 @@ class FinetuneConfig:
                 "finetune.global_pool", "data.img_size")
 
     def validate(self) -> None:
+        check_schedule(self)
         fc = self.finetune
         if fc.dataset is None:
             raise HDError("no dataset given", f"name one: hd finetune {{{'|'.join(FT_DATASETS)}}} ...")
@@ -321,6 +322,7 @@ class PretrainConfig:
                 "pretrain.decoder_heads", "pretrain.norm_pix_loss", "pretrain.num_classes", "data.img_size")
 
     def validate(self) -> None:
+        check_schedule(self)
         p = self.pretrain
         if p.mode == "supervised" and (p.mixup > 0 or p.cutmix > 0) and self.train.batch_size % 2:
             raise HDError(f"Mixup/CutMix needs an even batch size, got {self.train.batch_size}",
@@ -346,6 +348,18 @@ def load_pretrain(mode: str, recipe: str | os.PathLike | None = None, overrides:
 
 
 # ---------------------------------------------------------------- validation helpers
+
+def check_schedule(cfg) -> None:
+    """The lr schedule of a config with ``train`` and ``optim``: its floor ``min_lr`` may not lie above the peak lr
+    (``lr``, or blr × global batch / 256 with this launch's processes), else the cosine would climb."""
+    from hdcli import ui
+
+    tc, oc = cfg.train, cfg.optim
+    peak = oc.lr if oc.lr is not None else oc.blr * tc.batch_size * tc.accum_steps * ui.world_size() / 256
+    if oc.min_lr > peak:
+        raise HDError(f"optim.min_lr {oc.min_lr:g} is above the peak lr {peak:.3g}: the schedule would climb",
+                      "lower optim.min_lr below the lr (it is the cosine's floor)")
+
 
 def check_positive(obj, section: str, *names: str) -> None:
     for n in names:

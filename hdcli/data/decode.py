@@ -25,7 +25,7 @@ from PIL import Image
 
 from hdcli.config.schema import DECODE  # one list of the paths: the config's
 from hdcli.data.source import parse_source
-from hdcli.data.transforms import train_transform
+from hdcli.data.transforms import to_rgb, train_transform
 from hdcli.errors import HDError
 
 
@@ -115,10 +115,12 @@ class TrainCrop:
         """Crop ``c`` of a PIL image (opened lazily: a JPEG is decoded at reduced size where the crop allows)."""
         width, height = img.size
         s = self.size
+        fx = fy = 1.0
         if self.draft and img.format == "JPEG" and min(c.width, c.height) >= 2 * s:
-            img.draft("RGB", (math.ceil(width * s / c.width), math.ceil(height * s / c.height)))
-        img = img.convert("RGB")  # decodes (a truncated file raises here)
-        fx, fy = img.size[0] / width, img.size[1] / height
+            drafted = img.draft("RGB", (math.ceil(width * s / c.width), math.ceil(height * s / c.height)))
+            if drafted is not None:  # the original image's extent in the reduced one: the exact DCT scale 1/k
+                fx, fy = drafted[1][2] / width, drafted[1][3] / height  # (not the rounded-up reduced size)
+        img = to_rgb(img)  # decodes (a truncated file raises here)
         box = (c.left * fx, c.top * fy, (c.left + c.width) * fx, (c.top + c.height) * fy)
         out = img.resize((s, s), Image.Resampling.BICUBIC, box=box)
         if c.flip:

@@ -25,6 +25,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
 import signal
 from collections.abc import Callable
 from functools import partial
@@ -76,8 +77,9 @@ class SharedCounts:
             n = self.bad.value
             if n == 1:
                 self.first_bad.value = f"{key} in {where}".encode()[:511]
-        if n <= MAX_WARNINGS:
-            ui.warn(f"skipping unreadable image {key} in {where}: {type(err).__name__}: {err}")
+        if n <= MAX_WARNINGS:  # PIL names an in-memory file "<_io.BytesIO object at 0x...>": say which file it is
+            why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", str(key), str(err))
+            ui.warn(f"skipping unreadable image {key} in {where}: {type(err).__name__}: {why}")
         elif n == MAX_WARNINGS + 1:
             ui.warn("more unreadable images: further warnings suppressed (still counted)")
 

@@ -9,6 +9,7 @@ import io
 import os
 from functools import lru_cache
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -67,9 +68,33 @@ def eval_transform(img_size: int, *, crop_pct: float = 1.0):
 
 
 def open_image(data: bytes | str | os.PathLike) -> Image.Image:
-    """Decode fully (so truncation shows here, not later) and convert to RGB."""
+    """Decode fully (so truncation shows here, not later) and convert to RGB (:func:`to_rgb`)."""
     img = Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data)
     img.load()
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB, faithfully: 16-bit greys (``I;16``, ``I`` up to 65535) scaled by >> 8 (PIL's own
+    ``convert`` would clip them, leaving a white image); 32-bit floats in [0, 1] or [0, 255] scaled to 0..255. A
+    float image with NaN/inf or values outside those ranges, or a 32-bit integer one beyond 16 bits, cannot be
+    converted faithfully: ValueError (the loaders count it as an unreadable image, never train on it)."""
+    if img.mode in ("RGB",):
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img, dtype=np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"a {img.mode} image with values {a.min()}..{a.max()}: not a 16-bit image")
+        return Image.fromarray((a >> 8).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError("a float image with NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"a float image with values {lo:.3g}..{hi:.3g}: neither in [0, 1] nor in [0, 255]")
+        scale = 255.0 if hi <= 1.0 else 1.0
+        return Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L").convert("RGB")
     return img.convert("RGB")
 
 

@@ -74,6 +74,7 @@ def write_shards(source: str | os.PathLike | None, out: str | os.PathLike, *, ma
             random.Random(seed).shuffle(order)
         filenames, lengths, skipped = [], [], 0
         writer, count, done = None, 0, 0
+        ok = False
         try:
             for i in order:
                 try:
@@ -93,15 +94,34 @@ def write_shards(source: str | os.PathLike | None, out: str | os.PathLike, *, ma
                 done += 1
                 if on_progress:
                     on_progress(split, done + skipped, len(rec))
+            ok = True
+        except OSError as e:  # a full disk: no half shard, and say what is on disk
+            raise HDError(f"could not write {out / filenames[-1]}: {e.strerror or e}; {len(lengths)} complete "
+                          f"{split} shards are in {out}, without _info.json",
+                          "free some space and run the same command with --force") from None
+        except KeyboardInterrupt:
+            ui.warn(f"interrupted: {len(lengths)} complete {split} shards are in {out}, without _info.json "
+                    "(run the same command with --force to write them all)")
+            raise
         finally:
-            if writer is not None:
+            if writer is not None and ok:
                 _close_shard(writer, out / filenames[-1])
                 lengths.append(count)
+            elif writer is not None:  # interrupted or failed: the shard being written is dropped
+                try:
+                    writer.close()
+                except OSError:
+                    pass
+                Path(str(out / filenames[-1]) + ".tmp").unlink(missing_ok=True)
         if skipped:
             ui.warn(f"{split}: skipped {skipped} unreadable images of {len(rec)}")
         info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": filenames,
                                  "shard_lengths": lengths}
-    write_json(out / "_info.json", info, indent=2)
+    try:
+        write_json(out / "_info.json", info, indent=2)
+    except OSError as e:
+        raise HDError(f"could not write {out / '_info.json'}: {e.strerror or e}",
+                      "free some space and run the same command with --force") from None
     return info
 
 

@@ -82,6 +82,10 @@ def targets_from_config(dc) -> tuple[list[Target], str | None]:
     if dc.targets:
         targets = [_target(t, label, dc, f"distill.targets[{i}]") for i, t in enumerate(dc.targets)]
     else:  # the hybrid: relations of the MIM teacher (teachers[0], weight alpha) + each further teacher's features
+        for i, name in enumerate(dc.teachers):
+            if name in dc.teachers[:i]:
+                raise HDError(f"teacher {name!r} is listed twice in distill.teachers", "list it once (the hybrid takes "
+                              "the relations of the first teacher and the features of each further one)")
         mim, *feature = dc.teachers
         s_rel = None if dc.student_relation_blocks is None else tuple(dc.student_relation_blocks)
         targets = [Target(label[mim], "relations", tuple(dc.relation_blocks), dc.alpha, s_rel),
@@ -134,10 +138,18 @@ def build(student: nn.Module, teachers: Mapping[str, nn.Module], dc, *, teacher_
     ``teacher_dtype``: their precision (``teacher_dtype(dc.teacher_dtype, device)``); ``teacher_pass``: one to
     share (``Distiller``)."""
     targets, mask_teacher = targets_from_config(dc)
-    by_label = dict(zip(labels(list(dc.teachers)), (teachers[n] for n in dc.teachers), strict=True))
-    return Distiller(student, by_label, targets, mask_teacher=mask_teacher, mask_blocks=tuple(dc.mask_blocks),
-                     drop_ratio=dc.drop_ratio, masking=dc.masking, beta=dc.beta, relation_heads=dc.relation_heads,
-                     teacher_dtype=teacher_dtype, teacher_drop=dc.teacher_drop, teacher_pass=teacher_pass)
+    names = dict(zip(labels(list(dc.teachers)), dc.teachers, strict=True))  # label -> the teacher as given
+    try:
+        return Distiller(student, {lab: teachers[n] for lab, n in names.items()}, targets, mask_teacher=mask_teacher,
+                         mask_blocks=tuple(dc.mask_blocks), drop_ratio=dc.drop_ratio, masking=dc.masking, beta=dc.beta,
+                         relation_heads=dc.relation_heads, teacher_dtype=teacher_dtype, teacher_drop=dc.teacher_drop,
+                         teacher_pass=teacher_pass)
+    except HDError as e:  # name each teacher as the user gave it, not by its label
+        problem = e.problem
+        for lab, n in names.items():
+            if lab != n:
+                problem = problem.replace(f"teacher {lab!r}", f"teacher {n!r}")
+        raise HDError(problem, e.hint) from None
 
 
 def teacher_dtype(name: str, device_type: str) -> torch.dtype:

@@ -17,13 +17,21 @@ from hdcli.teachers.registry import RANDOM
 
 
 def check_teacher_names(names: list[str]) -> None:
-    """Resolve every teacher name now (cheap), so typos fail before any model is built."""
+    """Resolve every teacher name now (cheap), so typos fail before any model is built; one teacher under two
+    spellings (``local-dir:/x/clip`` and ``/x/clip/``, ``mae`` and its timm tag) is refused: its targets would
+    count twice."""
+    seen: dict[str, str] = {}
     for name in names:
         if name.startswith(RANDOM):
             if not name[len(RANDOM):]:
                 raise HDError(f"{name!r} names no architecture", "e.g. random:vit_base_patch16_224.mae")
-            continue
-        teachers.resolve(name)
+            identity = name
+        else:
+            identity = teachers.resolve(name).tag  # a directory: its resolved path
+        if identity in seen and seen[identity] != name:
+            raise HDError(f"teachers {seen[identity]!r} and {name!r} are one teacher ({identity.removeprefix('local-dir:')})",
+                          "list it once")
+        seen[identity] = name
 
 
 def build_student(cfg) -> nn.Module:

@@ -29,11 +29,14 @@ def attention_agreement(r_student: torch.Tensor, r_teacher: torch.Tensor, scale_
     return torch.minimum(p, q).sum(dim=-1).mean()
 
 
-def grad_shares(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+def grad_shares(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tensor],
+                scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Each (weighted) loss's share of the gradient norm at ``params``: ‖∇_θ L_t‖ / Σ_u ‖∇_θ L_u‖ (sums to 1).
 
     The graph is kept (``retain_graph``) for the step's own backward; nothing is written to ``.grad``.
-    A loss that does not reach ``params`` has share 0; if none does, every share is 0.
+    A loss that does not reach ``params`` has share 0; if none does, every share is 0. ``scale``: the losses are
+    multiplied by it first (fp16 mixed precision: the gradient scaler's scale, so that small fp16 gradients do not
+    flush to zero as the step's own backward's would not); the shares do not depend on it.
     """
     params = [p for p in params if p.requires_grad]
     norms = {}
@@ -41,7 +44,7 @@ def grad_shares(losses: Mapping[str, torch.Tensor], params: Sequence[torch.Tenso
         if not loss.requires_grad:
             norms[name] = loss.new_zeros((), dtype=torch.float32)
             continue
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(loss * scale, params, retain_graph=True, allow_unused=True)
         sq = [g.float().pow(2).sum() for g in grads if g is not None]
         norms[name] = torch.stack(sq).sum().sqrt() if sq else loss.new_zeros((), dtype=torch.float32)
     total = sum(norms.values()) if norms else None

@@ -146,7 +146,8 @@ class TeacherPass(nn.Module):
             vit.check_blocks(self._teachers[mask_teacher].model, masking.blocks, f"mask teacher {mask_teacher!r}",
                              "mask block")
         self.tokens: dict[str, TokenMatch] = {t.name: self._match(t, student_roles) for t in self.targets}
-        self.norms = nn.ModuleDict({p.source_key: norms.RunningNorm(t.norm, self.width(t, p.teacher))
+        self.norms = nn.ModuleDict({p.source_key: norms.RunningNorm(t.norm, self.width(t, p.teacher),
+                                                                    summary=self.summary_rows(t))
                                     for t in self.targets if t.norm != "layernorm" for p in t.pairs})
 
     def _match(self, t: Target, student_roles) -> TokenMatch:
@@ -161,6 +162,12 @@ class TeacherPass(nn.Module):
             raise HDError(f"target {t.name}: the teacher's pooled summary has {vit.pooled_width(tm)} channels but its "
                           f"tokens {tm.num_features}", "set pooled = false for this target")
         return match
+
+    def summary_rows(self, t: Target) -> int:
+        """Rows at the start of ``t``'s values that are a summary token (the CLS, or a pooled summary): 1 or 0."""
+        match = self.tokens[t.name]
+        roles = vit.prefix_roles(self.model(t.teacher))
+        return int(match.pooled or (bool(match.teacher) and roles[match.teacher[0]] == "cls"))
 
     def model(self, name: str) -> nn.Module:
         return self._teachers[name].model

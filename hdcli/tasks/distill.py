@@ -139,7 +139,7 @@ class DistillTask(Task):
             return None
         source = self.source if ec.data is None else data.parse_source(ec.data)
         return KnnMonitor(source, img_size=cfg.data.img_size, samples=ec.samples, k=ec.k, temperature=ec.temperature,
-                          seed=cfg.train.seed, probe_images=ec.probe_images,
+                          seed=cfg.train.seed, probe_images=ec.probe_images, max_bad_fraction=cfg.data.max_bad_fraction,
                           num_workers=data.default_num_workers() if cfg.data.num_workers is None else cfg.data.num_workers)
 
     def _say_renormalised(self, method) -> None:
@@ -185,7 +185,9 @@ class DistillTask(Task):
                 m = methods[name]
                 own.update(out.signals)
                 weighted = {t.name: t.weight * out.parts[t.name] for t in m.targets}
-                own.update({f"share/{k}": v for k, v in grad_shares(weighted, m.shared_parameters()).items()})
+                scaler = getattr(self._accelerator, "scaler", None)  # fp16: shares of the scaled losses
+                scale = float(scaler.get_scale()) if scaler is not None else 1.0
+                own.update({f"share/{k}": v for k, v in grad_shares(weighted, m.shared_parameters(), scale).items()})
             res.update({self._key(name, k): v for k, v in own.items()})
         return res
 

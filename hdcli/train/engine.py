@@ -75,7 +75,7 @@ def train(make_task: Callable[[], Task], cfg, run_dir: str | os.PathLike, *, res
                           "add --resume auto to continue it, or choose another --out")
         changes = setup.config_changes(cfg, run_dir, allow_config_change) if ckpt is not None else {}
         r = setup.prepare(make_task, cfg, run_dir, locks, held)
-        start = setup.restore(r, ckpt) if ckpt is not None else 0
+        start = setup.restore(r, ckpt, changes) if ckpt is not None else 0
         if ckpt is None and resume == "auto" and r.main:
             say(f"no checkpoint in {escape(str(run_dir / CHECKPOINTS))}: starting from scratch")
         setup.open_run_dir(r, start, changes)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hdcli.errors import HDError
-from hdcli.rundir import CONFIG, METRICS
+from hdcli.rundir import CONFIG, METRICS, replacing
 
 PLOTS = "plots"  # <run>/plots/
 
@@ -63,7 +63,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise HDError(f"{run_dir} has no {METRICS}", "give the --out directory of an hd distill/finetune/pretrain run")
     out = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():  # a damaged line is skipped below
         try:
             rec = json.loads(line)
         except ValueError:
@@ -147,7 +147,10 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | No
     if len(runs) != len(run_dirs):  # two runs of the same name: use the paths
         runs = {str(d): read_metrics(d) for d in run_dirs}
     out = Path(out) if out is not None else (Path(run_dirs[0]) / PLOTS if len(run_dirs) == 1 else Path(PLOTS))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise HDError(f"cannot write plots to {out}: {e.strerror or e}", "give a writable --out") from None
     plt = pyplot()
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ("-", "--", ":", "-.")
@@ -182,7 +185,12 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | No
         ax.legend(fontsize=7, loc="best")
         fig.subplots_adjust(left=0.11, right=0.98, bottom=0.12, top=0.92)  # fixed: tight_layout draws twice
         path = out / panel.file
-        fig.savefig(path)
-        plt.close(fig)
+        try:
+            with replacing(path) as tmp:  # a full disk leaves no half-written PNG
+                fig.savefig(tmp, format="png")
+        except OSError as e:
+            raise HDError(f"could not write {path}: {e.strerror or e}", "free some space or give another --out") from None
+        finally:
+            plt.close(fig)
         written.append(path)
     return written

@@ -188,7 +188,10 @@ def lock(run_dir: Path, locks: list[RunLock]) -> None:
     """The run dir's lock, taken by the main process of the launch (its other ranks are the same run)."""
     if not ui.is_main_process():
         return
-    held = RunLock(run_dir, "hd").acquire()
+    try:
+        held = RunLock(run_dir, "hd").acquire()
+    except OSError as e:  # a read-only mount, a dir without write permission
+        raise ck.unwritable(run_dir, e) from None
     locks.append(held)
     if held.took_over:
         ui.warn(f"took over a lock its earlier holder no longer holds ({escape(held.took_over)})")
@@ -196,8 +199,16 @@ def lock(run_dir: Path, locks: list[RunLock]) -> None:
         ui.warn(f"cannot lock {escape(str(run_dir))} ({held.unsupported}): two runs on it would not be detected")
 
 
-def restore(r: Run, ckpt: Path) -> int:
-    """Load checkpoint ``ckpt`` (weights, optimiser moments; hyperparameters stay the config's); its step."""
+# what --allow-config-change can and cannot change: a checkpoint is loaded tensor by tensor, by name and shape
+ALLOWED_CHANGES = ("changes that keep every trained tensor's name and shape load (alpha, beta, masking, drop ratio, "
+                   "loss weights, the teachers' checkpoints of the same architectures, relation blocks with the same "
+                   "heads); adding or removing a teacher or target, a norm to or from running statistics, another "
+                   "image size, student or head width do not")
+
+
+def restore(r: Run, ckpt: Path, changes: dict[str, tuple[str, str]] | None = None) -> int:
+    """Load checkpoint ``ckpt`` (weights, optimiser moments; hyperparameters stay the config's); its step.
+    ``changes``: what an ``--allow-config-change`` resume changed (said when the checkpoint does not fit)."""
     state = ck.read_state(ckpt)
     plan = r.plan
     fresh = [[{k: v for k, v in g.items() if k != "params"} for g in o.raw.param_groups] for o in r.optims]
@@ -208,10 +219,15 @@ def restore(r: Run, ckpt: Path) -> int:
                 raise ValueError(f"{len(groups)} parameter groups, the checkpoint has {len(o.raw.param_groups)}")
             for g, f in zip(o.raw.param_groups, groups, strict=True):
                 g.update(f)  # moments and step counts from the checkpoint, hyperparameters from the config
-    except HDError:
-        raise
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise HDError(f"checkpoint {ckpt} does not fit this run: {e}",
+    except (HDError, ValueError, RuntimeError, KeyError) as e:
+        why = e.problem if isinstance(e, HDError) else str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        if changes:
+            raise HDError(f"{why} after changing {', '.join(changes)}",
+                          f"--allow-config-change: {ALLOWED_CHANGES}; start a new --out instead (--student-init "
+                          "carries the student's weights over)") from None
+        if isinstance(e, HDError):
+            raise
+        raise HDError(f"checkpoint {ckpt} does not fit this run: {why}",
                       "resume with the run's own config (hd reads <run>/config.toml) or start a new --out") from None
     start = int(state["step"])
     r.bad_before = int(state.get("bad_images", 0))
@@ -333,11 +349,14 @@ def init_trackers(r: Run) -> None:
     from hdcli.config import to_dict
 
     init = {"wandb": {"dir": str(r.run_dir), "name": r.run_dir.name, "config": to_dict(r.cfg)}}
+    if "wandb" in r.cfg.train.all_trackers and os.environ.get("WANDB_MODE", None) == "":
+        raise HDError("WANDB_MODE is set but empty", "unset it, or set it to online, offline or disabled")
     try:
         r.accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "hd") if "wandb" in r.cfg.train.all_trackers
                                     else "tensorboard", init_kwargs=init)
     except Exception as e:  # noqa: BLE001 - e.g. wandb's UsageError: no API key on a machine that never logged in
-        raise HDError(f"--tracker {','.join(r.cfg.train.all_trackers)} could not start: {type(e).__name__}: {e}",
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise HDError(f"--tracker {','.join(r.cfg.train.all_trackers)} could not start: {type(e).__name__}: {first}",
                       "for wandb: `wandb login`, or WANDB_MODE=offline (sync later with `wandb sync`)") from None
 
 

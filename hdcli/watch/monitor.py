@@ -88,7 +88,7 @@ def _load(dataset, num_workers: int) -> Part:
 
 
 def load_eval_set(source, *, img_size: int, samples: list[int] | None, seed: int, rank: int, world: int,
-                  num_workers: int, positions: slice | None = None) -> tuple[Part, Part, str]:
+                  num_workers: int, max_bad_fraction: float, positions: slice | None = None) -> tuple[Part, Part, str]:
     """This rank's (bank, queries) of ``source`` and a description. Map-style sources: a seeded random
     choice; shards: the first samples of one pass (rank-split). ``positions``: take those query positions
     instead of a rank's share (the probe images, on one process)."""
@@ -96,7 +96,8 @@ def load_eval_set(source, *, img_size: int, samples: list[int] | None, seed: int
     src = data.parse_source(source)
     held_out = not data.has_split(source, "val")
     if src.kind == "shards":
-        return _load_shards(source, tf, img_size, samples, held_out, rank, world, positions, num_workers)
+        return _load_shards(source, tf, img_size, samples, held_out, rank, world, positions, num_workers,
+                            max_bad_fraction)
     train = data.open_records(src, "train")
     val = None if held_out else data.open_records(src, "val")
     nb, nq = eval_sizes(samples, len(train), None if val is None else len(val))
@@ -116,7 +117,7 @@ def load_eval_set(source, *, img_size: int, samples: list[int] | None, seed: int
     return bank, queries, f"{nb} train images, {nq} queries from {where} of {src.spec}"
 
 
-def _load_shards(source, tf, img_size, samples, held_out, rank, world, positions, num_workers=0):
+def _load_shards(source, tf, img_size, samples, held_out, rank, world, positions, num_workers, max_bad_fraction):
     """Shards: one deterministic pass (split by rank) over the first samples of the train split (the bank, then
     the held-out queries) and of the val split, read only as far as needed; positions interleave the ranks
     (position = i·world + rank). ``positions`` (the probe): those query positions, read by this process alone."""
@@ -132,7 +133,7 @@ def _load_shards(source, tf, img_size, samples, held_out, rank, world, positions
         per_rank = math.ceil(end / world)
         loader = data.build_loader(source, split=split, img_size=img_size, batch_size=64, train=False,
                                    num_workers=num_workers, rank=rank, world_size=world, transform=tf,
-                                   epoch_steps=max(1, math.ceil(per_rank / 64)))
+                                   epoch_steps=max(1, math.ceil(per_rank / 64)), max_bad_fraction=max_bad_fraction)
         got: list[list[tuple]] = [[] for _ in ranges]
         seen = 0
         for x, y in loader:
@@ -229,8 +230,9 @@ class KnnMonitor:
     """
 
     def __init__(self, source, *, img_size: int, samples: list[int] | None, k: int, temperature: float, seed: int,
-                 num_workers: int, probe_images: int):
+                 num_workers: int, probe_images: int, max_bad_fraction: float):
         self.source, self.img_size, self.samples, self.seed = source, img_size, samples, seed
+        self.max_bad_fraction = max_bad_fraction  # the run's budget of unreadable images, the eval set's too
         self.k, self.temperature, self.num_workers, self.probe_images = k, temperature, num_workers, probe_images
         self.bank: Part | None = None
         self.queries: Part | None = None
@@ -243,9 +245,14 @@ class KnnMonitor:
         t = time.perf_counter()
         self.bank, self.queries, what = load_eval_set(
             self.source, img_size=self.img_size, samples=self.samples, seed=self.seed,
-            rank=accelerator.process_index, world=accelerator.num_processes, num_workers=self.num_workers)
+            rank=accelerator.process_index, world=accelerator.num_processes, num_workers=self.num_workers,
+            max_bad_fraction=self.max_bad_fraction)
         labels = gather_ordered(accelerator, self.bank.position, self.bank.labels.to(accelerator.device))[0]
-        if len(labels) == 0 or (labels < 0).any():
+        if len(labels) == 0:
+            raise HDError(f"the k-NN bank of {self.source} is empty: its train split is too small to give both a bank "
+                          "and held-out queries", "give --eval-data a source with more images (or a val split), or "
+                          "turn the evaluation off with --eval-every 0")
+        if (labels < 0).any():
             raise HDError(f"the k-NN eval set of {self.source} has no labels", "give --eval-data a labelled source, "
                           "or turn the evaluation off with --eval-every 0")
         self.bank_labels = labels
@@ -260,11 +267,17 @@ class KnnMonitor:
         if self.n_queries == 0:
             raise HDError(f"the k-NN eval set of {self.source} holds no query images",
                           "give --eval-data a source with more images, or --eval-every 0")
+        if len(labels) < self.k:  # a vote over more neighbours than the bank holds would count absent ones
+            if accelerator.is_main_process:
+                ui.warn(f"the k-NN bank holds {len(labels)} images, fewer than k = {self.k}: k is {len(labels)} "
+                        "(give --eval-data a larger source for a meaningful k-NN)")
+            self.k = len(labels)
         if accelerator.is_main_process:
             if self.probe_images:
                 self.probe_set = load_eval_set(self.source, img_size=self.img_size, samples=self.samples,
                                                seed=self.seed, rank=0, world=1, num_workers=0,
-                                               positions=slice(0, self.probe_images))[1].images
+                                               positions=slice(0, self.probe_images),
+                                               max_bad_fraction=self.max_bad_fraction)[1].images
             ui.console.print(f"k-NN eval set: {what} (k {self.k}, T {self.temperature:g}); loaded in "
                              f"{time.perf_counter() - t:.1f}s", soft_wrap=True, markup=False)
 
