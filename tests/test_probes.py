@@ -7,6 +7,7 @@ import resource
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO
 
 TINY = ["distill", "--recipe", str(REPO / "recipes/distill/tiny-cpu.toml"), "-b", "8", "--num-workers", "0",
@@ -92,6 +93,38 @@ def test_a_teacher_listed_twice_is_one_short_line(tmp_path, capfd):
     assert hd_main(*TINY, "--teachers", ",".join([name] * 1000), "--out", str(tmp_path / "run")) == 2
     line = one_error(capfd)
     assert f"teacher {name!r} is listed twice" in line and len(line) < 300 and "name=" not in line
+
+
+def test_two_random_teachers_of_one_architecture_need_seeds(tmp_path, capfd):
+    """random:ARCH twice is one teacher listed twice (refused, the hint says how to make two); with a seed the second
+    is a teacher of its own, with other weights and its own label (benchmarks use this: hd bench distill
+    --teachers vit_small_patch16_224,vit_small_patch16_224 times two teachers, not one)."""
+    from hdcli.config import DistillConfig
+    from hdcli.config.loading import load_config
+    from hdcli.method.models import build_teacher
+    from hdcli.teachers.registry import labels
+
+    arch = "random:vit_base_patch16_224.mae"
+    assert hd_main(*TINY, "--teachers", f"{arch},{arch}", "--out", str(tmp_path / "run")) == 2
+    assert "need seeds: random:ARCH@1" in one_error(capfd)
+    assert labels([arch, f"{arch}@1"]) == ["mae", "mae-seed1"]
+    cfg = load_config(DistillConfig, REPO / "recipes/distill/tiny-cpu.toml",
+                      overrides={"distill.teachers": [arch, f"{arch}@1"]})
+    a, b, c = (build_teacher(n, cfg, i) for i, n in enumerate([arch, f"{arch}@1", f"{arch}@1"]))
+    assert not torch.equal(a.blocks[0].attn.qkv.weight, b.blocks[0].attn.qkv.weight)
+    assert torch.equal(b.blocks[0].attn.qkv.weight, c.blocks[0].attn.qkv.weight)  # the seed, not the position
+    assert hd_main(*TINY, "--teachers", f"{arch},{arch}@x", "--out", str(tmp_path / "run")) == 2
+    assert "the seed after @ must be a non-negative integer" in one_error(capfd)
+
+
+def test_the_benchmark_of_two_teachers_of_one_architecture_runs_two(tmp_path):
+    from hdcli.bench.distill import DistillBench, _config
+
+    arch = "vit_small_patch16_224"
+    b = DistillBench(student=arch, teachers=(arch, arch), cpu=True, steps=1, warmup=0, dtype="fp32", batch_size=8,
+                     teacher_dtype="fp32")
+    cfg = _config(b, arch, arch)
+    assert cfg.distill.teachers == [f"random:{arch}", f"random:{arch}@1"]
 
 
 def test_errors_name_teachers_as_the_user_gave_them(tmp_path, capfd):

@@ -200,7 +200,8 @@ def _config(b: DistillBench, mim_arch: str, feat_arch: str):
     cfg.student.patch_size = b.patch_size
     cfg.student.kwargs = dict(over)
     d = cfg.distill
-    d.teachers = [f"random:{mim_arch}", f"random:{feat_arch}"]
+    # two teachers of one architecture are two random models (seeds), not one teacher listed twice
+    d.teachers = [f"random:{mim_arch}", f"random:{feat_arch}" + ("@1" if feat_arch == mim_arch else "")]
     d.teacher_kwargs = dict(tkw)
     d.relation_blocks = list(rel_t)
     d.student_relation_blocks = None if tuple(rel_s) == tuple(rel_t) else list(rel_s)

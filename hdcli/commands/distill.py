@@ -28,7 +28,7 @@ OPTIONS = (
                  "the paper's defaults."),
     Opt("distill.teachers", ("--teachers",), "Comma-separated, MIM teacher first (relations + masking), then one "
         "or more feature teachers: registry names (mae, clip, dinov3, siglip2, ...), timm tags, local-dir:PATH, or "
-        "random:ARCH (smoke runs) (default: {default}).", MODEL),
+        "random:ARCH[@SEED] (smoke runs, benchmarks) (default: {default}).", MODEL),
     Opt("student.arch", ("--student",), "Student timm architecture.", MODEL, name="student"),
     Opt("distill.students", ("--students",), "Several students from one teacher pass, comma-separated timm archs "
         "(each as a run of its own with --student; [[distill.students]] in a recipe sets their own lr, kwargs, ...; "

@@ -30,7 +30,7 @@ from hdcli.method.names import paper_blocks
 from hdcli.method.norms import NORMS
 from hdcli.method.targets import TARGET_KEYS, Target
 from hdcli.models import vit
-from hdcli.teachers.registry import labels
+from hdcli.teachers.registry import RANDOM, labels
 
 
 class HybridDistill(Distiller):
@@ -85,7 +85,9 @@ def targets_from_config(dc) -> tuple[list[Target], str | None]:
         for i, name in enumerate(dc.teachers):
             if name in dc.teachers[:i]:
                 raise HDError(f"teacher {name!r} is listed twice in distill.teachers", "list it once (the hybrid takes "
-                              "the relations of the first teacher and the features of each further one)")
+                              "the relations of the first teacher and the features of each further one)"
+                              + ("; two random teachers of one architecture need seeds: random:ARCH@1"
+                                 if name.startswith(RANDOM) else ""))
         mim, *feature = dc.teachers
         s_rel = None if dc.student_relation_blocks is None else tuple(dc.student_relation_blocks)
         targets = [Target(label[mim], "relations", tuple(dc.relation_blocks), dc.alpha, s_rel),

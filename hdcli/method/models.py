@@ -13,7 +13,7 @@ from torch import nn
 from hdcli import teachers
 from hdcli.errors import HDError
 from hdcli.models import vit
-from hdcli.teachers.registry import RANDOM
+from hdcli.teachers.registry import RANDOM, random_arch
 
 
 def check_teacher_names(names: list[str]) -> None:
@@ -23,8 +23,7 @@ def check_teacher_names(names: list[str]) -> None:
     seen: dict[str, str] = {}
     for name in names:
         if name.startswith(RANDOM):
-            if not name[len(RANDOM):]:
-                raise HDError(f"{name!r} names no architecture", "e.g. random:vit_base_patch16_224.mae")
+            random_arch(name)  # a malformed name is an error now
             identity = name
         else:
             identity = teachers.resolve(name).tag  # a directory: its resolved path
@@ -58,9 +57,10 @@ def build_teacher(name: str, cfg, index: int, *, meta: bool = False) -> nn.Modul
     with torch.random.fork_rng(devices=[]):
         if name.startswith(RANDOM):
             kwargs = {"img_size": cfg.data.img_size, **cfg.distill.teacher_kwargs, "num_classes": 0}
-            torch.manual_seed(1000 + index)
+            arch, seed = random_arch(name)
+            torch.manual_seed(1000 + index if seed is None else seed)
             with torch.device("meta") if meta else nullcontext():
-                model = teachers.create(name[len(RANDOM):], pretrained=False, **kwargs)
+                model = teachers.create(arch, pretrained=False, **kwargs)
             return model.requires_grad_(False).eval()
         if meta:
             with torch.device("meta"):

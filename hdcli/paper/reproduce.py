@@ -39,6 +39,7 @@ from pathlib import Path
 from hdcli import config
 from hdcli.errors import HDError, did_you_mean
 from hdcli.paper import downstream, report
+from hdcli.teachers.registry import RANDOM, random_arch
 from hdcli.tools import flops
 
 REPO = report.REPO
@@ -170,8 +171,8 @@ def arch_dims(arch: str, **kwargs):
 
     if arch == WEAK_MAE or arch.startswith(("local-dir:", "/", ".")):
         arch = "vit_base_patch16_224.mae"  # a teacher directory: the estimate assumes an MAE ViT-B/16
-    elif arch.startswith("random:"):
-        arch = arch.removeprefix("random:")
+    elif arch.startswith(RANDOM):
+        arch = random_arch(arch)[0]
     else:
         arch = teachers.resolve(arch).tag
     return flops.arch_dims(arch, **kwargs)

@@ -123,7 +123,19 @@ def resolve(name: str | TeacherSpec) -> TeacherSpec:
     return TeacherSpec(raw, _check_timm_tag(raw), None)
 
 
-RANDOM = "random:"  # random:ARCH: a randomly initialised, frozen teacher (smoke runs and tests only)
+RANDOM = "random:"  # random:ARCH[@SEED]: a randomly initialised, frozen teacher (smoke runs, tests, benchmarks)
+
+
+def random_arch(name: str) -> tuple[str, int | None]:
+    """``random:ARCH[@SEED]`` -> (ARCH, SEED or None). Two random teachers of one architecture are two teachers
+    when their seeds differ (``random:vit_small_patch16_224,random:vit_small_patch16_224@1``); without a seed a
+    teacher's weights come from its position in the list."""
+    arch, at, seed = name.removeprefix(RANDOM).partition("@")
+    if not arch:
+        raise HDError(f"{name!r} names no architecture", "e.g. random:vit_base_patch16_224.mae")
+    if at and not seed.isdigit():
+        raise HDError(f"{name!r}: the seed after @ must be a non-negative integer", "e.g. random:vit_small_patch16_224@1")
+    return arch, int(seed) if at else None
 
 
 def label(name: str) -> str:
@@ -133,7 +145,8 @@ def label(name: str) -> str:
     name for a run's ``student/``); otherwise the tag or architecture. Only letters, digits, ``_`` and ``-``."""
     raw = str(name).strip()
     if raw.startswith(RANDOM):
-        raw = raw[len(RANDOM):]
+        arch, seed = random_arch(raw)
+        return label(arch) if seed is None else f"{label(arch)}-seed{seed}"
     if raw.lower() in REGISTRY:
         return raw.lower()
     by_tag = {spec.tag: short for short, spec in REGISTRY.items()}
