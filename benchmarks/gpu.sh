@@ -70,6 +70,8 @@ run syncs_keep34 60 --drop-ratio 0.3 --warmup 3 --steps 3 --sync-debug --no-brea
 # the teachers at fp32 against the default (auto = bf16 teachers on CUDA, as eager_keep34 ran)
 run students2 100 --drop-ratio 0.3 --warmup 3 --steps 8 --students 2 --no-breakdown --no-gemm
 run teachers_fp32 60 --drop-ratio 0.3 --warmup 3 --steps 8 --teacher-dtype fp32 --no-breakdown --no-gemm
+# a target cache's step (issue 26): targets computed once, alternating with the online step
+run cached_targets 60 --drop-ratio 0.3 --warmup 3 --steps 8 --cached-targets --no-breakdown --no-gemm
 run compiled_keep34 200 --drop-ratio 0.3 --warmup 8 $COMPILE
 run compiled_keep100 200 --drop-ratio 0 --warmup 8 $COMPILE
 
@@ -174,6 +176,10 @@ if st and "students" in st:
 if a and t32:
     extra.append(f"- teachers {a['config']['teacher_dtype']} (the default) / fp32: step {a['step_ms'] / t32['step_ms']:.3f}, "
                  f"teacher parameters {a['teacher_param_bytes'] / 2**20:,.0f} / {t32['teacher_param_bytes'] / 2**20:,.0f} MiB")
+ct = runs.get("cached_targets")
+if ct and "cached" in ct:
+    extra.append(f"- step from cached targets / online step: {ct['cached']['step_over_online']:.3f} "
+                 f"(FLOP model {ct['cached']['flop_model']:.3f})")
 ca, cz = runs.get("compiled_keep34"), runs.get("compiled_keep100")
 if ca and cz:
     extra.append(f"- compiled step keep 34% / keep 100%: {ca['step_ms'] / cz['step_ms']:.3f}")

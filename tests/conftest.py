@@ -61,3 +61,17 @@ def run_hd(*args: str, env: dict | None = None, cwd: str | Path | None = None, t
 @pytest.fixture
 def hd():
     return run_hd
+
+
+def one_and_two_ranks(args, tmp_path: Path, port: int) -> tuple[Path, Path]:
+    """``hd ARGS`` once with ``-b 16`` in one process and once with ``-b 8`` on 2 ranks (torchrun, gloo): the two
+    run dirs (``tmp_path/one``, ``tmp_path/two``), both runs checked to have succeeded."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run_hd(*args, "-b", "16", "--out", str(one))
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "hdcli", *args, "-b", "8", "--out", str(two)]
+    r2 = subprocess.run(torchrun, capture_output=True, text=True, cwd=REPO, timeout=600,
+                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    return one, two

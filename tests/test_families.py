@@ -469,22 +469,13 @@ def test_rope_teachers_and_running_norms_run_under_cpu_bf16_autocast():
 def test_running_statistics_of_two_ranks_are_those_of_the_whole_batch(tmp_path):
     """--target-norm standardize with 2 ranks × batch 8 gives the losses of 1 process × batch 16: each step's
     statistics are all-reduced over the ranks (DDP's buffer broadcast alone would keep only rank 0's)."""
-    import os
-    import subprocess
-    import sys
 
-    from conftest import REPO, run_hd
 
-    one, two = tmp_path / "one", tmp_path / "two"
+    from conftest import one_and_two_ranks
+
     args = ("distill", "--recipe", "recipes/distill/tiny-cpu.toml", "--steps", "4", "--log-every", "1",
             "--drop-path", "0", "--num-workers", "0", "--no-plot", "--target-norm", "standardize",
             "--set", "optim.warmup_steps=2", "--blr", "8e-3")
-    r1 = run_hd(*args, "-b", "16", "--out", str(one))
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
-                "-m", "hdcli", *args, "-b", "8", "--out", str(two)]
-    r2 = subprocess.run(torchrun, capture_output=True, text=True, cwd=REPO, timeout=600,
-                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    one, two = one_and_two_ranks(args, tmp_path, 29523)
     l1, l2 = ([x["loss"] for x in _metrics(run) if "loss" in x] for run in (one, two))
     assert len(l1) == len(l2) == 4 and max(abs(a - b) for a, b in zip(l1, l2, strict=True)) <= 1e-4, (l1, l2)

@@ -5,13 +5,10 @@ layout, records and export of a run of its own."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, run_hd
+from conftest import REPO, one_and_two_ranks, run_hd
 
 from hdcli.config import DistillConfig, load_config
 from hdcli.seeding import seed_all
@@ -137,14 +134,7 @@ def test_two_students_on_two_ranks_match_one_process(tmp_path):
     common = ("distill", "--recipe", str(REPO / "recipes/distill/tiny-cpu.toml"), "--students",
               "vit_small_patch16_224,vit_base_patch16_224", "--steps", "4", "--log-every", "1", "--drop-path", "0",
               "--num-workers", "0", "--no-plot")
-    one, two = tmp_path / "one", tmp_path / "two"
-    r1 = run_hd(*common, "-b", "16", "--out", str(one))
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-                "-m", "hdcli", *common, "-b", "8", "--out", str(two)]
-    r2 = subprocess.run(torchrun, capture_output=True, text=True, cwd=REPO, timeout=600,
-                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    one, two = one_and_two_ranks(common, tmp_path, 29519)
     for name in ("vit_small_patch16_224", "vit_base_patch16_224"):
         l1 = [x["loss"] for x in _metrics(one / "students" / name) if "loss" in x]
         l2 = [x["loss"] for x in _metrics(two / "students" / name) if "loss" in x]

@@ -55,8 +55,9 @@ OPTIONS = (
         "this recipe and data: no teacher is loaded or run (docs/scale.md).", METHOD),
     Opt("distill.teacher_dtype", ("--teacher-dtype",), "auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16: "
         "the teachers' weights and compute, whatever --mixed-precision says.", METHOD),
-    Opt("distill.target_norm", ("--target-norm",), "layernorm (the paper) | standardize (running per-channel, "
-        "UNIC) | phis (PHI-S, AM-RADIO): how feature targets are normalised.", METHOD),
+    Opt("distill.target_norm", ("--target-norm",), "layernorm (the paper) | standardize (running per-channel) | "
+        "standardize_roles (the same, the CLS/summary token apart: UNIC) | phis (PHI-S, AM-RADIO): how feature "
+        "targets are normalised.", METHOD),
     DATA_SOURCE, *DATA_OPTS,
     Opt("data.decode", ("--decode",), "auto (gpu on CUDA, else cpu) | cpu | pil (the reference) | gpu: who decodes "
         "and crops the JPEGs (docs/data.md).", DATA),
