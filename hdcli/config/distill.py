@@ -45,6 +45,12 @@ class MethodConfig:
     # several students from one teacher pass (docs/scale.md): names of timm archs, or tables with any of
     # STUDENT_KEYS ({arch, name, kwargs, blr, ...}); each trains as its own single-student run would
     students: list[dict | str] | None = None
+    # the paper's Sec. 2 baselines (docs/method.md "Section 2"): the head of the final-feature targets, "none" |
+    # "linear" (the paper's) | {blocks = k, dim, heads} (an asymmetric decoder, exported beside the student)
+    decoder: str | dict = "linear"
+    mask_reconstruction: bool = False  # SimMIM-style: masked positions as a mask token, loss on them only (Sec. 2.4)
+    mask_ratio: float = 0.6  # mask_reconstruction: the share of patches masked (SimMIM's)
+    mask_block: int | None = None  # mask_reconstruction: mask block side in patches (default: 32 px of 224, scaled)
     # a target's keys: hdcli.method.targets.Target (teacher, kind, blocks, weight, student_blocks, name, norm, ...)
 
     def validate(self) -> None:

@@ -22,7 +22,7 @@ from hdcli.errors import HDError, did_you_mean
 from hdcli.method import heads as heads_lib
 from hdcli.method import signals
 from hdcli.method.losses import BETA
-from hdcli.method.masking import Masking
+from hdcli.method.masking import Masking, Reconstruction, block_mask
 from hdcli.method.names import RELATION_HEADS, paper_blocks
 from hdcli.method.targets import KINDS, Hidden, Pair, Target, at, head_mean, student_value, wants
 from hdcli.method.teacher import IMAGENET_MEAN, IMAGENET_STD, TeacherPass, TeacherTargets
@@ -74,6 +74,10 @@ class Distiller(nn.Module):
         teacher_pass: an existing :class:`~hdcli.method.teacher.TeacherPass` over the same teachers and targets
             to use instead of building one (several students sharing one: it is then held, not registered, so
             its owner, e.g. :class:`~hdcli.method.students.Students`, keeps its statistics in ``state_dict``).
+        reconstruct: mask feature reconstruction (paper Sec. 2.4; :class:`~hdcli.method.masking.Reconstruction`):
+            the student sees every patch position, SimMIM-masked ones replaced by :attr:`mask_token` (a parameter of
+            the method, not of the student), and the loss counts the masked positions only. Final-feature targets
+            and no keep set only.
 
     ``forward(images, detail=False)`` returns a :class:`DistillOutput`; with ``detail`` it also holds the per-target
     signals, computed under ``no_grad`` from the step's own tensors. The module never changes dtype or enters
@@ -85,7 +89,8 @@ class Distiller(nn.Module):
                  drop_ratio: float = 0.3, masking: str = "progressive", beta: float = BETA,
                  relation_heads: str = "match", input_mean: Sequence[float] = IMAGENET_MEAN,
                  input_std: Sequence[float] = IMAGENET_STD, teacher_dtype: torch.dtype | None = None,
-                 teacher_drop: float = 0.0, teacher_pass: TeacherPass | None = None):
+                 teacher_drop: float = 0.0, teacher_pass: TeacherPass | None = None,
+                 reconstruct: Reconstruction | None = None):
         super().__init__()
         vit.check_vit(student, "the student")
         if not targets:
@@ -112,7 +117,16 @@ class Distiller(nn.Module):
                                             input_mean=input_mean, input_std=input_std, dtype=teacher_dtype)
         else:  # held, not registered: its owner keeps it in the module tree
             object.__setattr__(self, "teacher_pass", teacher_pass)
+        if self.masking.drops(self.num_patches) and not vit.gathers_tokens(student):
+            raise HDError(f"the student ({type(student).__name__}) adds a relative position bias of its whole grid in "
+                          "every block, so it cannot see only the kept tokens",
+                          "use a shared bias (student.kwargs shared_rel_pos = true, FD's) or masking = 'none'")
         self.heads = nn.ModuleDict({p.key: head for t in self.targets for p, head in self._check(t).items()})
+        self.reconstruct = reconstruct
+        if reconstruct is not None:
+            self._check_reconstruct(reconstruct)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, vit.width(student)))
+            nn.init.trunc_normal_(self.mask_token, std=0.02)  # SimMIM's init
         roles = vit.prefix_roles(student)  # the summary row of a target: the student's CLS, when compared
         self._summary = {t.name: int("cls" in roles and roles.index("cls") in self.teacher_pass.tokens[t.name].student)
                          for t in self.targets}
@@ -146,6 +160,16 @@ class Distiller(nn.Module):
                               "average over heads")
         return {}
 
+    def _check_reconstruct(self, r: Reconstruction) -> None:
+        bad = [t.name for t in self.targets if t.kind != "features" or t.student_blocks]
+        if bad:
+            raise HDError(f"mask feature reconstruction learns the teacher's final features; target {bad[0]} is not one",
+                          "list only kind = \"features\" targets (no student_blocks) with mask_reconstruction")
+        if self.masking.drops(self.num_patches):
+            raise HDError("mask feature reconstruction shows the student every patch position (masked ones as the "
+                          "mask token), so it takes no keep set", "set distill.masking = \"none\"")
+        r.block_for(self.grid)
+
     # ---------------------------------------------------------------- forward = teacher pass + student pass
 
     def forward(self, images: torch.Tensor, detail: bool = False, cached: TeacherTargets | None = None) -> DistillOutput:
@@ -162,12 +186,23 @@ class Distiller(nn.Module):
         """The student on its prefix tokens + the kept patches only (gathered before block 0), its values for each
         loss term, and the loss against ``targets`` (the teacher pass of the same images)."""
         keep, s = targets.keep, self.student
-        x, rope = vit.embed_kept(s, images, None if keep.shape[1] == self.num_patches else keep)  # [B, P+n, D]
+        mask = self.reconstruction_mask(images.shape[0], images.device) if self.reconstruct is not None else None
+        x, rope = vit.embed_kept(s, images, None if keep.shape[1] == self.num_patches else keep,
+                                 None if mask is None else (mask, self.mask_token))  # [B, P+n, D]
         ckpt = bool(getattr(s, "grad_checkpointing", False)) and self.training
         run = Hidden.run(s, x, rope, [w for t in self.targets for w in wants(t, "student")], checkpoint=ckpt)
         tokens = self.teacher_pass.tokens
         mine = {p: self._predict(t, p, student_value(t, run, p, tokens[t.name])) for t in self.targets for p in t.pairs}
+        if mask is not None:  # the loss counts the masked positions only
+            mine, targets = masked_rows(mine, targets, mask, {t.name: len(tokens[t.name].student) for t in self.targets})
         return self.loss(mine, targets, detail=detail)
+
+    def reconstruction_mask(self, batch: int, device) -> torch.Tensor:
+        """SimMIM's random block mask for a batch (:func:`~hdcli.method.masking.block_mask`): bool [B, N]."""
+        r = self.reconstruct
+        b = r.block_for(self.grid)
+        noise = torch.rand(batch, (self.grid[0] // b) * (self.grid[1] // b), device=device)
+        return block_mask(noise, self.grid, r.ratio, b)
 
     def _predict(self, t: Target, pair: Pair, v: torch.Tensor) -> torch.Tensor:
         """The student's value as the loss compares it: through its head (feature-like), or its relations."""
@@ -281,6 +316,21 @@ class Distiller(nn.Module):
         b = self.shared_block
         module = self.student.blocks[b] if b >= 0 else self.student.patch_embed
         return [p for p in module.parameters() if p.requires_grad]
+
+
+def masked_rows(predictions: dict[Pair, torch.Tensor], targets: TeacherTargets, mask: torch.Tensor,
+                prefix: dict[str, int]) -> tuple[dict[Pair, torch.Tensor], TeacherTargets]:
+    """Mask feature reconstruction: each term's student prediction and teacher target restricted to the masked
+    patch rows (its ``prefix[target]`` prefix rows and the unmasked patches dropped). mask: bool [B, N] with the
+    same count per image (SimMIM's) -> predictions and targets [B, M, D]."""
+    idx = mask.nonzero()[:, 1].view(mask.shape[0], -1)  # [B, M] masked patch indices, ascending
+
+    def rows(v: torch.Tensor, p: int) -> torch.Tensor:
+        return v[:, p:].gather(1, idx.unsqueeze(-1).expand(-1, -1, v.shape[-1]))
+
+    mine = {pair: rows(v, prefix[pair.target]) for pair, v in predictions.items()}
+    values = {src: rows(v, prefix[src[0]]) for src, v in targets.values.items()}
+    return mine, TeacherTargets(targets.keep, values)
 
 
 def drop_teachers(losses: torch.Tensor, p: float) -> torch.Tensor:

@@ -24,8 +24,9 @@ from torch import nn
 
 from hdcli.errors import HDError, did_you_mean
 from hdcli.method.distiller import Distiller
+from hdcli.method.heads import decoder_spec
 from hdcli.method.losses import BETA
-from hdcli.method.masking import Masking
+from hdcli.method.masking import Masking, Reconstruction
 from hdcli.method.names import paper_blocks
 from hdcli.method.norms import NORMS
 from hdcli.method.targets import TARGET_KEYS, Target
@@ -71,6 +72,11 @@ def masking_of(dc) -> Masking:
     return Masking(dc.masking, dc.drop_ratio, tuple(dc.mask_blocks))
 
 
+def reconstruction_of(dc) -> Reconstruction | None:
+    """The mask feature reconstruction settings of a ``[distill]`` section (None: off, the paper's method)."""
+    return Reconstruction(dc.mask_ratio, dc.mask_block) if dc.mask_reconstruction else None
+
+
 def targets_from_config(dc) -> tuple[list[Target], str | None]:
     """A ``[distill]`` section (``hdcli.config.MethodConfig``) as targets over the teachers' labels, and the mask
     teacher's label (None when no teacher chooses the keep set). Raises HDError naming the entry at fault: this
@@ -91,13 +97,22 @@ def targets_from_config(dc) -> tuple[list[Target], str | None]:
         mim, *feature = dc.teachers
         s_rel = None if dc.student_relation_blocks is None else tuple(dc.student_relation_blocks)
         targets = [Target(label[mim], "relations", tuple(dc.relation_blocks), dc.alpha, s_rel),
-                   *(Target(label[f], "features", norm=dc.target_norm) for f in feature)]
+                   *(Target(label[f], "features", norm=dc.target_norm, head=decoder_spec(dc.decoder)) for f in feature)]
     names = [t.name for t in targets]
     for name in names:
         if names.count(name) > 1:
             raise HDError(f"two distillation targets are named {name!r}",
                           "give one of them a name: [[distill.targets]] name = \"...\" (a teacher listed twice in "
                           "--teachers gives its features twice: list it once)")
+    if dc.mask_reconstruction:
+        reconstruction_of(dc)  # its settings
+        bad = [t.name for t in targets if t.kind != "features" or t.student_blocks]
+        if bad:
+            raise HDError(f"distill.mask_reconstruction learns the teacher's final features; target {bad[0]} is not one",
+                          "list only kind = \"features\" targets in [[distill.targets]] (paper Sec. 2.4)")
+        if dc.masking != "none":
+            raise HDError("distill.mask_reconstruction shows the student every patch position (masked ones as a mask "
+                          f"token), so it takes no keep set; masking is {dc.masking!r}", "set distill.masking = \"none\"")
     mask_teacher = dc.mask_teacher or dc.teachers[0]
     mask_label = label[mask_teacher] if masking_of(dc).needs_teacher else None
     used = {t.teacher for t in targets} | {mask_label}
@@ -128,6 +143,8 @@ def _target(entry: dict, label: Mapping[str, str], dc, where: str) -> Target:
     kw = dict(entry, teacher=label[entry["teacher"]], weight=float(w))
     if "norm" not in entry and entry["kind"] != "relations":
         kw["norm"] = dc.target_norm  # the section's default for feature-like targets
+    if "head" not in entry and entry["kind"] == "features" and not entry.get("student_blocks"):
+        kw["head"] = decoder_spec(dc.decoder)  # the section's decoder for the final features
     try:
         return Target(**kw)
     except HDError as e:
@@ -145,7 +162,7 @@ def build(student: nn.Module, teachers: Mapping[str, nn.Module], dc, *, teacher_
         return Distiller(student, {lab: teachers[n] for lab, n in names.items()}, targets, mask_teacher=mask_teacher,
                          mask_blocks=tuple(dc.mask_blocks), drop_ratio=dc.drop_ratio, masking=dc.masking, beta=dc.beta,
                          relation_heads=dc.relation_heads, teacher_dtype=teacher_dtype, teacher_drop=dc.teacher_drop,
-                         teacher_pass=teacher_pass)
+                         teacher_pass=teacher_pass, reconstruct=reconstruction_of(dc))
     except HDError as e:  # name each teacher as the user gave it, not by its label
         problem = e.problem
         for lab, n in names.items():

@@ -168,3 +168,60 @@ def keep_set(masking: Masking, hiddens: Sequence[torch.Tensor], *, batch: int, n
     if masking.strategy == "direct":
         return direct_keep(hiddens[-1], n_keep)
     return progressive_keep(hiddens, masking.drop_ratio, schedule)
+
+
+# ---------------------------------------------------------------- mask feature reconstruction (paper Sec. 2.4)
+
+SIMMIM_RATIO = 0.6  # SimMIM's mask ratio
+SIMMIM_BLOCK_PX, PAPER_IMG = 32, 224  # SimMIM's 32-px mask patches, at the paper's input size
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """SimMIM-style masking for mask feature reconstruction (paper Sec. 2.4): the student sees every patch position,
+    a ``ratio`` of them (in square blocks of ``block`` × ``block`` patches) replaced by a learned mask token, and
+    learns the teacher's features at the masked positions only.
+
+    ``block`` None: SimMIM's 32-px mask patch at the paper's 224 px, i.e. 1/7 of the image side, on the student's
+    grid (2 patches at 224/16, as SimMIM's ViT; 1 patch on an 8 × 8 grid), lowered to a divisor of the grid."""
+
+    ratio: float = SIMMIM_RATIO
+    block: int | None = None
+
+    def __post_init__(self):
+        if not 0 < self.ratio < 1:
+            raise HDError(f"distill.mask_ratio must lie in (0, 1), got {self.ratio}", f"SimMIM uses {SIMMIM_RATIO}")
+        if self.block is not None and (isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1):
+            raise HDError(f"distill.mask_block is a positive number of patches, got {self.block!r}",
+                          "leave it out for SimMIM's 32-px blocks scaled to the grid")
+
+    def block_for(self, grid: tuple[int, int]) -> int:
+        """The mask block's side in patches on ``grid`` (HDError when a given block does not divide it)."""
+        if self.block is not None:
+            if grid[0] % self.block or grid[1] % self.block:
+                raise HDError(f"distill.mask_block {self.block} does not divide the student's {grid[0]}x{grid[1]} grid",
+                              "give a divisor of the grid, or leave it out")
+            return self.block
+        side = max(1, round(min(grid) * SIMMIM_BLOCK_PX / PAPER_IMG))
+        while grid[0] % side or grid[1] % side:
+            side -= 1
+        return side
+
+    def count(self, grid: tuple[int, int]) -> int:
+        """Masked patches per image (static): ceil(ratio × blocks) blocks of block² patches (SimMIM)."""
+        b = self.block_for(grid)
+        return math.ceil(self.ratio * (grid[0] // b) * (grid[1] // b)) * b * b
+
+
+def block_mask(noise: torch.Tensor, grid: tuple[int, int], ratio: float, block: int) -> torch.Tensor:
+    """SimMIM's mask generator on a batch: of the (rows/block) × (cols/block) mask blocks, the ceil(ratio × count)
+    with the smallest ``noise`` are masked, each covering block × block patches.
+
+    noise: [B, (rows/block)·(cols/block)] (uniform: a uniformly random choice) -> bool [B, rows·cols], patches
+    row-major as timm orders them, True = masked."""
+    bsz = noise.shape[0]
+    r, c = grid[0] // block, grid[1] // block
+    n_mask = math.ceil(ratio * r * c)
+    chosen = noise.argsort(dim=1)[:, :n_mask]  # [B, n_mask]
+    small = torch.zeros(bsz, r * c, dtype=torch.bool, device=noise.device).scatter_(1, chosen, True)
+    return small.view(bsz, r, 1, c, 1).expand(bsz, r, block, c, block).reshape(bsz, grid[0] * grid[1])

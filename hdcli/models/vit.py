@@ -1,20 +1,25 @@
 """The one place that knows timm's model internals: embeddings, token gather, blocks, q·kᵀ taps, final norm.
 
-Two timm families are supported, students and teachers alike (docs/teachers.md lists the tags):
+Three timm families are supported, students and teachers alike (docs/teachers.md lists the tags):
 
 - ``VisionTransformer`` (``vit_*``, ``deit_*``, ``*_clip_*``, ``*_dinov2``, ``*_siglip_*``, ``aimv2_*``): absolute
   position embeddings; 0 or 1 class token, then 0+ register tokens; ``Block`` (pre-norm) or ``ResPostBlock``.
 - ``Eva`` (``eva02_*``, ``*_dinov3``, ``vit_pe_*``): RoPE applied to q and k of the patch tokens inside attention
   (``_pos_embed`` returns it), optional absolute embeddings, CLS + storage tokens, fused or separate q/k/v
   projections with their own biases.
+- ``VisionTransformerRelPos`` (``vit_relpos_*``, ``vit_srelpos_*``; FD's student, paper Sec. 2.2): no absolute
+  position embedding; a relative position bias added to the attention logits, per block or one shared by all
+  blocks (``shared_rel_pos``, FD's); 0 or 1 class token.
 
 Nothing here forks timm: every helper calls timm's own modules (``patch_embed``, ``_pos_embed``, ``norm_pre``,
 ``blocks``, ``norm``), so attention stays on timm's fused SDPA path. Only ``relations`` computes q·kᵀ explicitly,
 from the block's own projections, q/k norms and RoPE, and only for the tokens it is given.
 
 Token order everywhere: the model's prefix tokens (CLS first, then registers), then patches in ascending patch
-index (METHOD.md). ``rope`` (Eva) is the rotary embedding of the patch tokens in the sequence: [N, E] for all
-patches, [B, 1, n, E] once gathered to kept patches (their original grid positions).
+index (METHOD.md). ``rope`` is the positional input a family's blocks take on each forward: Eva's rotary embedding
+of the patch tokens ([N, E] for all patches, [B, 1, n, E] once gathered to kept patches, their original grid
+positions), or a RelPos model's shared relative position bias ([1, H, T, T], [B, H, T', T'] once gathered).
+Relations (q·kᵀ) never include a relative position bias; attention maps (``attention_logits``) do.
 """
 
 from __future__ import annotations
@@ -29,35 +34,50 @@ from torch import nn
 
 from hdcli.errors import HDError
 
-SUPPORTED = ("timm VisionTransformer (vit_*, deit_*, *_clip_*, *_dinov2, *_siglip_*, aimv2_*) or timm Eva "
-             "(eva02_*, *_dinov3, vit_pe_*)")
-_PRE_NORM_BLOCKS = ("Block", "EvaBlock")  # attention input = norm1(x)
-_POST_NORM_BLOCKS = ("ResPostBlock", "EvaBlockPostNorm")  # attention input = x, norm1 after the attention
-_QK_ATTENTION = ("Attention", "EvaAttention", "AttentionRope")  # whose q and k this module can recompute
+SUPPORTED = ("timm VisionTransformer (vit_*, deit_*, *_clip_*, *_dinov2, *_siglip_*, aimv2_*), timm Eva "
+             "(eva02_*, *_dinov3, vit_pe_*) or timm VisionTransformerRelPos (vit_relpos_*, vit_srelpos_*)")
+_PRE_NORM_BLOCKS = ("Block", "EvaBlock", "RelPosBlock")  # attention input = norm1(x)
+_POST_NORM_BLOCKS = ("ResPostBlock", "EvaBlockPostNorm", "ResPostRelPosBlock")  # input = x, norm1 after attention
+_QK_ATTENTION = ("Attention", "EvaAttention", "AttentionRope", "RelPosAttention")  # q and k recomputable here
+_REL_POS_BLOCKS = ("RelPosBlock", "ResPostRelPosBlock")  # take ``shared_rel_pos``, add a bias to the logits
 
 
 def family(model: nn.Module) -> str:
-    """``"vit"`` (timm VisionTransformer and subclasses), ``"eva"`` (timm Eva), or ``""`` for anything else."""
+    """``"vit"`` (timm VisionTransformer and subclasses), ``"eva"`` (timm Eva), ``"relpos"`` (timm
+    VisionTransformerRelPos), or ``""`` for anything else."""
     from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
     if isinstance(model, VisionTransformer):
         return "vit"
     if isinstance(model, Eva):
         return "eva"
+    if isinstance(model, VisionTransformerRelPos):
+        return "relpos"
     return ""
 
 
 def check_vit(model: nn.Module, who: str) -> None:
     """Raise HDError unless ``model`` is of a supported family (:data:`SUPPORTED`) with a usable layout."""
-    if not family(model):
+    kind = family(model)
+    if not kind:
         raise HDError(f"{who} ({type(model).__name__}) is not a supported model family", f"use a {SUPPORTED}")
-    for attr in ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm"):
+    needs = ("patch_embed", "blocks", "norm") if kind == "relpos" else ("patch_embed", "_pos_embed", "norm_pre",
+                                                                        "blocks", "norm")
+    for attr in needs:
         if not hasattr(model, attr):
             raise HDError(f"{who} ({type(model).__name__}) has no {attr}", f"use a {SUPPORTED}")
     if getattr(model, "rope_mixed", False):
         raise HDError(f"{who} uses depth-dependent ('mixed') RoPE, which hd cannot gather per kept token",
                       "use an axial-RoPE model (eva02_*, *_dinov3, vit_pe_*) or one with absolute position embeddings")
+
+
+def gathers_tokens(model: nn.Module) -> bool:
+    """Whether the model can run on a subset of its patches (a keep set): not a RelPos model with a bias per block
+    (each block adds its full-grid bias itself); a shared bias is gathered with the tokens (``embed_kept``)."""
+    return family(model) != "relpos" or getattr(model, "shared_rel_pos", None) is not None or not any(
+        getattr(b.attn, "rel_pos", None) is not None for b in model.blocks)
 
 
 def exposes_qk(block: nn.Module) -> bool:
@@ -187,22 +207,52 @@ def select_prefix(x: torch.Tensor, prefix: int, take: Sequence[int] | None) -> t
 
 def gather_rope(rope: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor | None:
     """The RoPE rows of the kept patches (their original grid positions). rope [N, E], keep [B, n] -> [B, 1, n, E]
-    (the head axis broadcast, as timm's own patch dropout does)."""
-    if rope is None or keep is None:
+    (the head axis broadcast, as timm's own patch dropout does). A relative position bias (4-D) is returned as it
+    is: what reads gathered tokens (``relations``, per-token kinds) never uses it."""
+    if rope is None or keep is None or rope.dim() == 4:
         return rope
     return rope[keep].unsqueeze(1)
 
 
-def embed_kept(model: nn.Module, x: torch.Tensor,
-               keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def gather_bias(bias: torch.Tensor, keep: torch.Tensor, prefix: int) -> torch.Tensor:
+    """A relative position bias [1, H, P+N, P+N] restricted to the prefix tokens and the kept patches ``keep``
+    [B, n] (rows and columns): [B, H, P+n, P+n]."""
+    b = keep.shape[0]
+    idx = torch.cat([torch.arange(prefix, device=keep.device).expand(b, prefix), keep + prefix], dim=1)  # [B, T']
+    full = bias.expand(b, -1, -1, -1)
+    h, t, n = full.shape[1], full.shape[-1], idx.shape[1]
+    rows = full.gather(2, idx[:, None, :, None].expand(b, h, n, t))
+    return rows.gather(3, idx[:, None, None, :].expand(b, h, n, n))
+
+
+def embed_kept(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None,
+               masked: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Student input: embed all patches, then gather the prefix + kept tokens BEFORE any block (cost ∝ tokens);
     with ``keep`` None, the whole sequence (:func:`embed`).
 
     x: [B, 3, H, W], keep: [B, n] or None (all) -> ([B, P+n, D], rope of the kept patches or None).
     ``norm_pre`` is per token, so applying it after the gather gives the same values as before it.
+    ``masked`` = (mask bool [B, N], token [1, 1, D]): the masked patches' embeddings are replaced by the token
+    before the position embedding is added (SimMIM; mask feature reconstruction, paper Sec. 2.4).
     """
     x = model.patch_embed(x)
+    if masked is not None:
+        mask, token = masked
+        w = mask.unsqueeze(-1).to(x.dtype)  # [B, N, 1]
+        x = x * (1 - w) + token.to(x.dtype) * w
     p = num_prefix(model)
+    if family(model) == "relpos":  # no position embedding: the class token, and the shared bias if there is one
+        if model.cls_token is not None:
+            x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        bias = model.shared_rel_pos.get_bias() if model.shared_rel_pos is not None else None
+        if keep is not None:
+            if not gathers_tokens(model):
+                raise HDError(f"{type(model).__name__} adds a relative position bias of its whole grid in every block, "
+                              "so it cannot run on kept tokens only",
+                              "use a shared bias (student.kwargs shared_rel_pos = true, FD's) or masking = 'none'")
+            x = gather_tokens(x, keep, p)
+            bias = None if bias is None else gather_bias(bias, keep, p)
+        return x, bias
     if family(model) == "eva":
         x, rope = model._pos_embed(x)
         if keep is not None:
@@ -217,6 +267,15 @@ def embed_kept(model: nn.Module, x: torch.Tensor,
 
 def _attn_input(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if type(block).__name__ in _POST_NORM_BLOCKS else block.norm1(x)
+
+
+def _call(module: nn.Module, rope: torch.Tensor | None):
+    """A block (or a RelPos block's attention) as a function of x, with its family's positional input (Eva:
+    ``rope``, RelPos: ``shared_rel_pos``)."""
+    if rope is None:
+        return module
+    rel = type(module).__name__ in (*_REL_POS_BLOCKS, "RelPosAttention")
+    return partial(module, shared_rel_pos=rope) if rel else partial(module, rope=rope)
 
 
 def _rotate(t: torch.Tensor, rope: torch.Tensor, prefix: int, half: bool) -> torch.Tensor:
@@ -254,7 +313,7 @@ def relations(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = Non
         q = attn.q_proj(a).reshape(b, t, h, dh).transpose(1, 2)
         k = attn.k_proj(a).reshape(b, t, -1, dh).transpose(1, 2)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if rope is not None:
+    if rope is not None and type(block).__name__ not in _REL_POS_BLOCKS:  # a relative position bias is not in R
         half = bool(getattr(attn, "rotate_half", False))
         q, k = _rotate(q, rope, prefix, half), _rotate(k, rope, prefix, half)
     if k.shape[1] != h:  # grouped-query attention: head i uses k head i // (H / H_kv), as timm repeats them
@@ -262,12 +321,26 @@ def relations(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = Non
     return q @ k.transpose(-2, -1)  # [B, H, T, T]
 
 
+def attention_logits(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None,
+                     prefix: int = 0) -> torch.Tensor:
+    """The logits the block's softmax sees over the tokens of x [B, T, D] (its whole sequence): q·kᵀ·scale
+    (``relations``), plus the relative position bias of a RelPos block (its own, or the shared ``rope``).
+    -> [B, H, T, T] (attention maps, head distance, NMI: paper Sec. 2.1)."""
+    logits = relations(block, x, rope, prefix) * block.attn.scale
+    if type(block).__name__ in _REL_POS_BLOCKS:
+        own = getattr(block.attn, "rel_pos", None)
+        bias = own.get_bias() if own is not None else rope
+        if bias is not None:
+            logits = logits + bias
+    return logits
+
+
 def msa(block: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
     """Output of the block's attention branch after ``proj`` (and a post-norm block's norm1), before layer scale
     and the residual add. x: [B, T, D] hidden state entering the block (its full prefix) -> [B, T, D] (paper
     MSA_m^i; timm's fused attention)."""
     a = _attn_input(block, x)
-    out = block.attn(a) if rope is None else block.attn(a, rope=rope)
+    out = _call(block.attn, rope)(a)
     return block.norm1(out) if type(block).__name__ in _POST_NORM_BLOCKS else out
 
 
@@ -295,7 +368,7 @@ def run_blocks(
     for i in range(stop):
         if i in enter:
             entering[i] = x
-        blk = model.blocks[i] if rope is None else partial(model.blocks[i], rope=rope)
+        blk = _call(model.blocks[i], rope)
         if checkpoint:
             x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
         else:

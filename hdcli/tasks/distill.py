@@ -24,6 +24,7 @@ from hdcli.config import DistillConfig
 from hdcli.config.distill import student_configs
 from hdcli.errors import HDError
 from hdcli.method import hybrid
+from hdcli.method.heads import Decoder, save_decoder
 from hdcli.method.models import build_student, build_teacher, check_teacher_names
 from hdcli.method.signals import grad_shares
 from hdcli.method.students import Students
@@ -250,6 +251,9 @@ class DistillTask(Task):
         # so timm, `hd analyze` and a student reused as a teacher normalise its inputs correctly.
         cfg = {"pretrained_cfg": {"mean": data.IMAGENET_MEAN, "std": data.IMAGENET_STD, "tag": "hd_distill"}}
         save_for_hf(model.student, str(out_dir), model_config=cfg, safe_serialization=True)
+        for key, head in model.heads.items():  # an asymmetric decoder (paper Sec. 2), for hd analyze: not the student
+            if isinstance(head, Decoder):
+                save_decoder(head, out_dir / "decoder" / key)
 
     def export_member(self, model: nn.Module, name: str, out_dir: Path) -> None:
         self.export(model.members[name], out_dir)

@@ -302,13 +302,27 @@ def distill_step(cfg, dims: Callable[[str], ViTDims], student: ViTDims) -> int:
     for t in targets:
         td = dims(name_of[t.teacher])
         if t.kind == "features":
-            fwd += linear(tok, s.dim, td.dim)
+            fwd += head(t.head, tok, s.dim, td.dim)
         elif t.kind == "relations":
             fwd += len(t.s_blocks) * relations(s, tok)
         else:
             fwd += len(t.blocks) * linear(tok, s.dim, td.dim)
     pe = patch_embed(s, n)
     return total + fwd + 2 * (fwd - pe) + pe
+
+
+def head(spec, tokens: int, d_in: int, d_out: int) -> int:
+    """Forward FLOPs of a final-feature head (``hdcli.method.heads``): none, linear, or a decoder (its embedding,
+    blocks at its width and projection); other kinds are counted as a linear map."""
+    if spec.kind == "identity":
+        return 0
+    if spec.kind != "decoder":
+        return linear(tokens, d_in, d_out)
+    dim = spec.dim or d_in
+    heads = spec.heads or max(1, dim // 64)
+    v = vit_dims(dim, spec.blocks or 1, heads, mlp_ratio=spec.mlp_ratio or 4.0)
+    return ((linear(tokens, d_in, dim) if dim != d_in else 0) + v.depth * block(v, tokens)
+            + linear(tokens, dim, d_out))
 
 
 def patch_of(d) -> int:
