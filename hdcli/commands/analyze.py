@@ -132,18 +132,50 @@ def _metric(metric, names, data, n_images, img_size, seed, batch_size, out, skip
 
     dev, loaded = _setup(names, data, out, device, skip_missing=skip_missing, img_size=img_size,
                          cache_dir=cache_dir)
+    decoders = _decoders(loaded)
     pics = _images(data, n_images, seed)
     results = {}
-    with _progress(len(pics) * len(loaded)) as advance:
+    with _progress(len(pics) * sum(len(d) or 1 for d in decoders.values())) as advance:
         for name, m in loaded.items():
-            results[name] = analyze.measure(m, pics, metric, batch_size=batch_size, device=dev,
-                                            on_chunk=advance)
+            for label, decoder in (decoders[name] or {name: None}).items():  # a run's encoder + each decoder
+                results[label] = analyze.measure(m, pics, metric, batch_size=batch_size, device=dev,
+                                                 on_chunk=advance, decoder=decoder)
             m.cpu()
     json_path, png_path = out / f"{metric}.json", out / f"{metric}.png"
     analyze.write_json(json_path, metric, len(pics), results)
     analyze.plot_metric(metric, results, png_path, n_images=len(pics))
     _print_table(metric, results)
     info(f"wrote {json_path} and {png_path}")
+
+
+def _source(name: str) -> str:
+    """What to load for a model name: ``local-dir:`` the student directory of a run dir (or of a student/ dir, a
+    local-dir:), else the name itself (a registry name or timm tag)."""
+    from hdcli.teachers.load import student_dir
+
+    d = student_dir(name)
+    return name if d is None else f"local-dir:{d}"
+
+
+def _decoders(loaded: dict) -> dict[str, dict]:
+    """The decoders a distillation run exported beside its student (paper Sec. 2: analysed after its encoder):
+    model name -> {entry name: decoder} (empty: none). One decoder keeps the model's name; several are named
+    ``<model>+<target>``."""
+    from hdcli.method.heads import decoders_of, load_decoder
+    from hdcli.teachers.load import student_dir
+    from hdcli.ui import info
+
+    out = {}
+    for name in loaded:
+        try:
+            d = student_dir(name)
+        except HDError:
+            d = None
+        found = decoders_of(d) if d is not None else {}
+        out[name] = {(name if len(found) == 1 else f"{name}+{key}"): load_decoder(path) for key, path in found.items()}
+        if found:
+            info(f"{name}: the encoder's {len(loaded[name].blocks)} blocks, then its decoder's (d0, d1, ...)")
+    return out
 
 
 def _setup(names, data, out, device, *, skip_missing, img_size, cache_dir):
@@ -183,12 +215,13 @@ def _load_models(names: list[str], *, skip_missing: bool, img_size: int | None, 
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise HDError(f"model {dupes[0]} is given more than once", "name each model once")
+    source = {name: _source(name) for name in names}  # a run dir: its student/
     for name in names:
-        teachers.resolve(name)
+        teachers.resolve(source[name])
     loaded = {}
     for name in names:
         try:
-            loaded[name] = teachers.load(name, cache_dir=cache_dir, img_size=img_size)
+            loaded[name] = teachers.load(source[name], cache_dir=cache_dir, img_size=img_size)
         except HDError as e:
             if not skip_missing:
                 hint = "; ".join(h for h in (e.hint, "or pass --skip-missing to go on without it") if h)
@@ -232,9 +265,11 @@ def _print_table(metric: str, results: dict[str, dict]) -> None:
     table.add_column("block", justify="right")
     for name in results:
         table.add_column(name, justify="right")
+    from hdcli.tools.analyze import block_labels
+
     depth = max(len(r["per_block"]) for r in results.values())
-    for b in range(depth):
-        table.add_row(str(b), *(f"{r['per_block'][b]:.4g}" if b < len(r["per_block"]) else ""
+    for b, label in enumerate(block_labels(results, depth)):
+        table.add_row(label, *(f"{r['per_block'][b]:.4g}" if b < len(r["per_block"]) else ""
                                 for r in results.values()))
     ui.stdout.print(table)
 

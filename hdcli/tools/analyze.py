@@ -103,26 +103,41 @@ def check_blocks(model: nn.Module, who: str | None = None) -> None:
     vit.check_attention(model, range(len(model.blocks)), who, "attention maps")
 
 
-@contextmanager
-def attention_tap(model: nn.Module, fn: Callable[[int, Tensor], None], blocks: Sequence[int] | None = None):
-    """While active, every forward of ``model`` calls ``fn(block, attn)`` for each block in
-    ``blocks`` (default all) with ``attn`` = ``attention_probs`` of that block: [B, H, N, N].
+def layers(model: nn.Module, decoder: nn.Module | None = None) -> list[nn.Module]:
+    """The blocks analysed, in order: the encoder's, then a decoder's (paper Fig. 2b, 3a)."""
+    return [*model.blocks, *(decoder.blocks if decoder is not None else ())]
 
-    A forward pre-hook on each block takes the hidden state entering it and recomputes only q·kᵀ
-    (``vit.relations``: norm1 + the q and k rows of qkv); the block itself still runs timm's fused
-    attention. Yields the set of blocks that fired.
+
+def encode(model: nn.Module, x: Tensor) -> Tensor:
+    """The final token features as distillation reads them (``vit.run_blocks``, its final norm): a decoder's input."""
+    h, rope = vit.embed(model, x)
+    return vit.run_blocks(model, h, rope, final=True)[2]
+
+
+@contextmanager
+def attention_tap(model: nn.Module, fn: Callable[[int, Tensor], None], blocks: Sequence[int] | None = None,
+                  decoder: nn.Module | None = None):
+    """While active, every forward of ``model`` (and of ``decoder``) calls ``fn(block, attn)`` for each block in
+    ``blocks`` (default all; a decoder's blocks are numbered after the encoder's) with ``attn`` =
+    ``attention_probs`` of that block: [B, H, N, N].
+
+    A forward pre-hook on each block takes the hidden state entering it and recomputes only the logits
+    (``vit.attention_logits``: q·kᵀ·scale, and a relative position bias where the block adds one); the block
+    itself still runs timm's fused attention. Yields the set of blocks that fired.
     """
     check_blocks(model)
-    blocks = range(len(model.blocks)) if blocks is None else blocks
+    all_layers = layers(model, decoder)
+    blocks = range(len(all_layers)) if blocks is None else blocks
     prefix = vit.num_prefix(model)
     fired: set[int] = set()
     handles = []
     for b in blocks:
         def tap(block, args, kwargs, b=b):  # Eva blocks get the patches' RoPE as a keyword
-            fn(b, attention_probs(vit.relations(block, args[0], kwargs.get("rope"), prefix), block.attn.scale, prefix))
+            pos = kwargs.get("rope", kwargs.get("shared_rel_pos"))
+            fn(b, attention_probs(vit.attention_logits(block, args[0], pos, prefix), 1.0, prefix))
             fired.add(b)
 
-        handles.append(model.blocks[b].register_forward_pre_hook(tap, with_kwargs=True))
+        handles.append(all_layers[b].register_forward_pre_hook(tap, with_kwargs=True))
     try:
         yield fired
     finally:
@@ -167,42 +182,51 @@ def crop(images: Sequence, size: int) -> Tensor:
 
 def collect(model: nn.Module, images: Sequence, reduce: Callable[[int, Tensor], Tensor], *,
             blocks: Sequence[int] | None = None, batch_size: int = 32, device: str | torch.device = "cpu",
-            on_chunk: Callable[[int], None] | None = None, stats: tuple | None = None) -> Tensor:
+            on_chunk: Callable[[int], None] | None = None, stats: tuple | None = None,
+            decoder: nn.Module | None = None, stack: bool = True) -> Tensor | list[Tensor]:
     """Run ``model`` over ``images`` (PIL, or uint8 crops at its input size; its own mean/std unless
     ``stats`` = (mean, std) is given, e.g. for a student still in training) in chunks;
     ``reduce(block, attn [B, H, N, N]) -> [B, ...]`` is applied inside the hook, so only reduced
     values are kept. Returns [len(blocks), len(images), ...] on the CPU. ``on_chunk(n)`` is called
-    after each chunk of n images (progress)."""
+    after each chunk of n images (progress). ``decoder``: a decoder of a distillation run, run on the final
+    features; its blocks follow the encoder's. ``stack`` False: a list of [len(images), ...] per block."""
     from hdcli.data import normalize
 
     size = input_size(model)
     mean, std = stats or mean_std(model)
-    blocks = list(range(len(model.blocks))) if blocks is None else list(blocks)
+    blocks = list(range(len(layers(model, decoder)))) if blocks is None else list(blocks)
     out: dict[int, list[Tensor]] = {b: [] for b in blocks}
 
     def hook(b: int, attn: Tensor) -> None:
         out[b].append(reduce(b, attn).cpu())
 
     model = model.eval().to(device)
-    with torch.inference_mode(), attention_tap(model, hook, blocks) as fired:
+    if decoder is not None:
+        decoder = decoder.eval().to(device)
+    with torch.inference_mode(), attention_tap(model, hook, blocks, decoder) as fired:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             x = normalize(crop(chunk, size).to(device), mean=mean, std=std)  # [B, 3, S, S] float
-            model.forward_features(x)
+            if decoder is None:
+                model.forward_features(x)
+            else:
+                decoder(encode(model, x))
             missing = [b for b in blocks if b not in fired]
             if missing:
                 raise HDError(f"block {missing[0]} of {type(model).__name__} was never run",
                               "this model's forward is not supported by hd analyze")
             if on_chunk:
                 on_chunk(len(chunk))
-    return torch.stack([torch.cat(out[b]) for b in blocks])
+    per_block = [torch.cat(out[b]) for b in blocks]
+    return torch.stack(per_block) if stack else per_block
 
 
 def measure(model: nn.Module, images: Sequence, metric: str, *, batch_size: int = 32,
             device: str | torch.device = "cpu", on_chunk: Callable[[int], None] | None = None,
-            stats: tuple | None = None) -> dict:
+            stats: tuple | None = None, decoder: nn.Module | None = None) -> dict:
     """One model's entry of ``head_distance.json`` / ``nmi.json``: values per block and head,
-    averaged over images: ``{"per_head": [[H] × L], "per_block": [L], "patch_size", "tokens"}``."""
+    averaged over images: ``{"per_head": [[H] × L], "per_block": [L], "patch_size", "tokens"}``; with a
+    ``decoder``, its blocks follow the encoder's and ``"decoder_blocks"`` says how many of the L they are."""
     if metric not in METRICS:
         raise HDError(f"unknown metric {metric!r}", f"choose one of {', '.join(METRICS)}")
     grid, ps = grid_size(model), patch_size(model)
@@ -215,15 +239,18 @@ def measure(model: nn.Module, images: Sequence, metric: str, *, batch_size: int 
         def reduce(_b: int, attn: Tensor) -> Tensor:
             return nmi(attn)
 
-    values = collect(model, images, reduce, batch_size=batch_size, device=device,
-                     on_chunk=on_chunk, stats=stats)  # [L, n_images, H]
-    per_head = values.double().mean(dim=1)  # [L, H]
-    return {
-        "per_head": per_head.tolist(),
-        "per_block": per_head.mean(dim=1).tolist(),
+    values = collect(model, images, reduce, batch_size=batch_size, device=device, on_chunk=on_chunk, stats=stats,
+                     decoder=decoder, stack=False)  # L × [n_images, H_l] (a decoder may have other head counts)
+    per_head = [v.double().mean(dim=0) for v in values]  # L × [H_l]
+    entry = {
+        "per_head": [h.tolist() for h in per_head],
+        "per_block": [h.mean().item() for h in per_head],
         "patch_size": ps[0] if ps[0] == ps[1] else list(ps),
         "tokens": grid[0] * grid[1],
     }
+    if decoder is not None:
+        entry["decoder_blocks"] = len(decoder.blocks)
+    return entry
 
 
 def query_index(query: tuple[float, float], grid: tuple[int, int]) -> int:
@@ -284,6 +311,11 @@ def plot_metric(metric: str, models: dict[str, dict], path: Path, *, n_images: i
         ax.plot([b + shift for b in range(len(per_head))], entry["per_block"], color=c,
                 marker="o", markersize=4, linewidth=1.8, label=name)
     ax.set_xticks(range(depth))
+    ax.set_xticklabels(block_labels(models, depth))
+    dec = next((e for e in models.values() if e.get("decoder_blocks")), None)
+    if dec is not None:  # the decoder's blocks (paper Fig. 2b, 3a)
+        start = len(dec["per_block"]) - dec["decoder_blocks"]
+        ax.axvspan(start - 0.5, len(dec["per_block"]) - 0.5, color="0.85", alpha=0.5, zorder=0, label="decoder")
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("block")
     ax.set_ylabel(METRICS[metric])
@@ -298,6 +330,14 @@ def plot_metric(metric: str, models: dict[str, dict], path: Path, *, n_images: i
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def block_labels(models: dict[str, dict], depth: int) -> list[str]:
+    """Axis / table labels of blocks 0..depth-1: the encoder's by index, a decoder's as d0, d1, ... (from the first
+    entry with a decoder)."""
+    dec = next((e for e in models.values() if e.get("decoder_blocks")), None)
+    start = len(dec["per_block"]) - dec["decoder_blocks"] if dec else depth
+    return [str(b) if b < start else f"d{b - start}" for b in range(depth)]
 
 
 def plot_attention(crops: Tensor, maps: Tensor, queries: Sequence[tuple[float, float]],
