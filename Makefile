@@ -34,8 +34,10 @@ REPRODUCE_ARGS = $(if $(OUT),--out "$(OUT)") $(if $(SCALE),--scale $(SCALE)) \
 	$(if $(BENCH),--bench "$(BENCH)") $(if $(DETECTRON2_DIR),--detectron2-dir "$(DETECTRON2_DIR)") \
 	$(if $(MMSEG_DIR),--mmseg-dir "$(MMSEG_DIR)") $(if $(RUNS),--only "$(RUNS)")
 
-.PHONY: reproduce-table1 reproduce-table2 reproduce-ablations
-reproduce-table1 reproduce-table2 reproduce-ablations: install
+# reproduce-figures: the paper's Figures 1-3 (Sec. 2: decoders, mask feature reconstruction, FD's student), with
+# DATA_IN1K; the same DRY_RUN=1 and SCALE=smoke modes; figure1.png .. figure3.png in OUT/figures.
+.PHONY: reproduce-table1 reproduce-table2 reproduce-ablations reproduce-figures
+reproduce-table1 reproduce-table2 reproduce-ablations reproduce-figures: install
 	$(BIN)/python -m hdcli reproduce $(patsubst reproduce-%,%,$@) $(REPRODUCE_ARGS)
 
 # The main job (docs/demo.md): two tiny teachers, a hybrid-distilled student, probes, analysis, report

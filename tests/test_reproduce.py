@@ -54,7 +54,7 @@ def test_every_trained_row_has_a_recipe_citing_its_table_and_every_recipe_is_use
         for r in t.rows:
             if r.run:
                 runs[r.run].append(t.number)
-    assert {p.stem for p in RECIPES.glob("*.toml")} == set(runs)
+    assert {p.stem for p in RECIPES.glob("*.toml") if not p.stem.startswith("sec2-")} == set(runs)  # sec2: figures
     for run, tables in runs.items():
         text = (RECIPES / f"{run}.toml").read_text()
         for n in tables:

@@ -81,10 +81,32 @@ def record(
         ui.info(f"[green]wrote[/] {path}")
 
 
+def figures(
+    runs: Annotated[Path, typer.Option("--runs", help="The OUT directory of `make reproduce-figures` (one dir per "
+                                       "run, its analyze/head_distance.json and nmi.json; teachers/analyze/).",
+                                       rich_help_panel=IN, show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Directory for figure1.png .. figure3.png and "
+                                             "figures.md (default: <runs>/figures).", rich_help_panel=OUT,
+                                             show_default=False)] = None,
+) -> None:
+    """Fig. 1-3 (Sec. 2) as the paper lays them out: head distance and NMI per block of the students distilled with
+    each decoder, with mask feature reconstruction and FD's student, beside the teachers. Curves not measured yet
+    are listed, not drawn."""
+    from hdcli import ui
+    from hdcli.paper import figures as figs
+
+    written, missing = figs.draw(runs, out or runs / "figures")
+    for path in written:
+        ui.info(f"[green]wrote[/] {path}")
+    if missing:
+        ui.warn(f"{len(missing)} curve(s) not measured yet (listed in {(out or runs / 'figures') / 'figures.md'})")
+
+
 def register(app: typer.Typer) -> None:
     sub = typer.Typer(name="report", help="The paper's tables (recipes/paper_results.toml) with our numbers and "
-                      "the differences, as markdown (docs/reproduce.md).", no_args_is_help=True)
+                      "the differences, as markdown, and its Figures 1-3 (docs/reproduce.md).", no_args_is_help=True)
     for which in HELP:
         sub.command(which)(_make(which))
+    sub.command("figures")(figures)
     sub.command("record")(record)
     app.add_typer(sub, name="report")

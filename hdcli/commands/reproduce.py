@@ -14,8 +14,9 @@ def register(app: typer.Typer) -> None:
     @app.command("reproduce")
     def reproduce(
         target: Annotated[str, typer.Argument(help="table1 (Tab. 1: IN-1k, COCO, ADE20K) | table2 (Tab. 2: "
-                                              "CIFAR-100, Cars, iNat19) | ablations (Tab. 3-8: COCO).",
-                                              show_default=False)],
+                                              "CIFAR-100, Cars, iNat19) | ablations (Tab. 3-8: COCO) | figures "
+                                              "(Fig. 1-3, Sec. 2: decoders, mask feature reconstruction, FD's "
+                                              "student; head distance and NMI).", show_default=False)],
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Runs directory, one dir per run "
                                                  "(default: runs/paper; smoke: runs/paper-smoke).",
                                                  rich_help_panel=RUN, show_default=False)] = None,
@@ -67,7 +68,8 @@ def register(app: typer.Typer) -> None:
                                                       show_default=False)] = None,
     ) -> None:
         """Run the paper's experiments for one table: distill -> fine-tune -> export (-> COCO / ADE20K where
-        detectron2 / mmseg are installed) -> `hd report`. Finished stages are skipped, unfinished ones resume.
+        detectron2 / mmseg are installed) -> `hd report`; for the figures: distill -> `hd analyze` (head distance,
+        NMI) -> `hd report figures`. Finished stages are skipped, unfinished ones resume.
 
         Usually through make: make reproduce-table1 DATA_IN1K=/data/in1k-wds [GPUS=8 NODES=1 OUT=runs/paper],
         DRY_RUN=1 to print the plan, SCALE=smoke for the tiny CPU run (docs/reproduce.md).
@@ -89,4 +91,4 @@ def register(app: typer.Typer) -> None:
 
         counts = run.execute(p, run_hd=run_in_process if p.scale == "smoke" else None)
         ui.info(f"[green]{target} done[/]: {counts['ran']} stage(s) ran, {counts['done']} already done, "
-                f"{counts['skipped']} not run; report in {p.out / (target + '.md')}")
+                f"{counts['skipped']} not run; report in {p.report}")

@@ -38,14 +38,15 @@ from pathlib import Path
 
 from hdcli import config
 from hdcli.errors import HDError, did_you_mean
-from hdcli.paper import downstream, report
+from hdcli.paper import downstream, figures, report
 from hdcli.teachers.registry import RANDOM, random_arch
 from hdcli.tools import flops
 
 REPO = report.REPO
 PAPER_RECIPES = REPO / "recipes" / "paper"
 FINETUNE_RECIPES = REPO / "recipes" / "finetune"
-TARGETS = tuple(report.REPORTS)
+FIGURES = "figures"  # the paper's Figures 1-3 (Sec. 2; hdcli.paper.figures)
+TARGETS = (*report.REPORTS, FIGURES)
 SCALES = ("full", "smoke")
 DEFAULT_OUT = {"full": "runs/paper", "smoke": "runs/paper-smoke"}
 
@@ -127,6 +128,11 @@ class Plan:
     @property
     def world(self) -> int:
         return self.gpus * self.nodes
+
+    @property
+    def report(self) -> Path:
+        """What the last step writes: ``<target>.md``, or the figures' directory."""
+        return self.out / (FIGURES if self.target == FIGURES else f"{self.target}.md")
 
 
 def fit_batch(per_device: int, accum: int, world: int, ref_world: int = REF_WORLD) -> tuple[int, int]:
@@ -252,8 +258,11 @@ def plan(target: str, *, out: str | os.PathLike | None = None, scale: str = "ful
         gpus, nodes = 1, 1
     out = Path(out or DEFAULT_OUT[scale])
     p = Plan(target, scale, out, gpus, nodes, *_throughput(tflops, bench), {k: v for k, v in (data or {}).items() if v})
-    paper = report.load_paper(paper_path)
-    runs = report.runs_of(target, paper)
+    if target == FIGURES:
+        runs = figures.runs()
+    else:
+        paper = report.load_paper(paper_path)
+        runs = report.runs_of(target, paper)
     if only:
         bad = [r for r in only if r not in runs]
         if bad:
@@ -262,15 +271,21 @@ def plan(target: str, *, out: str | os.PathLike | None = None, scale: str = "ful
     cfgs = {r: config.load_config(DistillConfig, recipe=PAPER_RECIPES / f"{r}.toml") for r in runs}
 
     if not smoke:  # pretrained teachers must be in the hub cache (compute nodes run offline)
-        names = list(dict.fromkeys(t for c in cfgs.values() for t in c.distill.teachers if t != WEAK_MAE))
+        names = list(dict.fromkeys([*(t for c in cfgs.values() for t in c.distill.teachers if t != WEAK_MAE),
+                                    *(figures.BASELINES if target == FIGURES else ())]))
         p.steps.append(Step("", "teachers", ["hd", "fetch-teachers", "--offline", *names],
                             gpu_hours=0.0, estimate="verifies the hub cache; download first with "
                             f"`hd fetch-teachers {' '.join(names)}` on a machine with internet"))
     for r, cfg in cfgs.items():
-        p.labels[r] = report.row_labels(r, paper)
         run_dir = out / r
         distill = _distill_step(p, r, cfg, run_dir, mae_in100)
         p.steps.append(distill)
+        if target == FIGURES:
+            p.labels[r] = figure_labels(r)
+            p.steps += [_analyze_step(p, r, [str(run_dir / "distill")], metric, skip=distill.skip)
+                        for metric in figures.METRICS]
+            continue
+        p.labels[r] = report.row_labels(r, paper)
         student = student_dims(cfg, 224) if not smoke else None
         for key in TABLE_FINETUNE[target]:
             p.steps.append(_finetune_step(p, r, cfg, run_dir, key, skip=distill.skip))
@@ -283,9 +298,36 @@ def plan(target: str, *, out: str | os.PathLike | None = None, scale: str = "ful
                                   detectron2_dir=detectron2_dir, mmseg_dir=mmseg_dir)
             p.steps.append(Step(r, task, st.argv, st.done, st.gpu_hours, st.note, skip=distill.skip or st.why,
                                 after=st.after))
-    p.steps.append(Step("", "report", ["hd", "report", target, "--runs", str(out), "--out", str(out / f"{target}.md")],
+    if target == FIGURES:  # the pretrained teachers' own curves (Fig. 1a, 2b, 3a)
+        why = "smoke runs have no pretrained teachers to measure" if smoke else ""
+        p.steps += [_analyze_step(p, figures.TEACHER_RUN, list(figures.BASELINES), metric, skip=why)
+                    for metric in figures.METRICS]
+    p.steps.append(Step("", "report", ["hd", "report", target, "--runs", str(out), "--out", str(p.report)],
                         gpu_hours=0.0))
     return p
+
+
+ANALYZE_IMAGES = {"full": 1000, "smoke": 16}  # images per analysis (ImageNet-1k's; the demo's)
+
+
+def figure_labels(run: str) -> list[str]:
+    """Where a run appears in Figures 1-3: ["Fig. 1(b) 2 attention layers", ...]."""
+    return [f"Fig. {name[-1]}({panel.letter}) {c.label}" for name, (_m, _t, panels) in figures.FIGURES.items()
+            for panel in panels for c in panel.curves if c.source == run]
+
+
+def _analyze_step(p: Plan, run: str, models: list[str], metric: str, *, skip: str = "") -> Step:
+    """``hd analyze`` of a run's student (and decoder) or of the pretrained teachers, into ``<OUT>/<run>/analyze/``."""
+    smoke = p.scale == "smoke"
+    dest = p.out / run / figures.ANALYZE
+    argv = ["hd", *(() if smoke else ("--offline",)), "analyze", metric.replace("_", "-"), *models,
+            "--data", "demo" if smoke else p.data.get("in1k", f"${DATA['in1k'][0]}"),
+            "--images", str(ANALYZE_IMAGES[p.scale]), "--out", str(dest)]
+    if smoke:
+        argv += ["--device", "cpu"]
+    return Step(run, f"analyze:{metric}", argv, dest / f"{metric}.json", None if smoke else 0.0,
+                "" if smoke else "a forward pass of the analysed images", skip=skip,
+                needs=() if smoke else ("in1k",))
 
 
 def _throughput(tflops: float | None, bench: str | None) -> tuple[float, str]:
@@ -376,12 +418,15 @@ def _smoke_distill(cfg) -> list[str]:
         tag = "vit_base_patch16_224.mae" if t == WEAK_MAE else _tag(t)
         tiny_teachers.append(f"random:{tag}")
     t_depth = max(arch_dims(t).depth for t in tiny_teachers)
-    sk, tk = smoke_dims(s_depth), {"patch_size": SMOKE_PATCH, **smoke_dims(t_depth)}
+    sk, tk = {**cfg.student.kwargs, **smoke_dims(s_depth)}, {"patch_size": SMOKE_PATCH, **smoke_dims(t_depth)}
+    decoder = cfg.distill.decoder  # an attention decoder at the tiny width
+    tiny_decoder = ["--set", f"distill.decoder={_inline({**decoder, 'dim': sk['embed_dim'], 'heads': sk['num_heads']})}"] \
+        if isinstance(decoder, dict) else []
     return [*rename_teachers(cfg.distill, dict(zip(cfg.distill.teachers, tiny_teachers, strict=True))), "--img-size", str(SMOKE_IMG), "--patch-size", str(SMOKE_PATCH),
             "--steps", str(SMOKE_STEPS), "--batch-size", str(SMOKE_BATCH), "--num-workers", "0", "--cpu",
             "--mixed-precision", "no", "--save-every", str(SMOKE_STEPS), "--log-every", "1",
             "--set", f"student.kwargs={_inline(sk)}", "--set", f"distill.teacher_kwargs={_inline(tk)}",
-            "--set", "optim.warmup_steps=1"]
+            "--set", "optim.warmup_steps=1", *tiny_decoder]
 
 
 def rename_teachers(dc, new: dict[str, str]) -> list[str]:
