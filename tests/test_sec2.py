@@ -321,3 +321,40 @@ def test_smoke_figures_run_the_whole_chain_and_draw_the_three_figures(hd, tmp_pa
     assert figures.read_curve(out, figures.Curve("sec2-deit-dec4", "x"), "nmi")["decoder_blocks"] == 0
     again = rp.plan("figures", out=out, scale="smoke")
     assert all(s.is_done for s in again.steps if s.stage != "report" and not s.skip)
+
+
+# ---------------------------------------------------------------- a hostile user's findings
+
+def test_section_2_settings_are_checked_even_where_unused_and_a_decoder_needs_an_mlp():
+    from hdcli.config import DistillConfig, load_config
+
+    for override, message in (({"distill.mask_ratio": 1.5}, "mask_ratio must lie in"),
+                              ({"distill.mask_block": 0}, "mask_block is a positive number"),
+                              ({"distill.decoder": "linaer"}, "unknown decoder 'linaer'")):
+        with pytest.raises(HDError, match=message):
+            load_config(DistillConfig, recipe=REPO / "recipes/distill/tiny-cpu.toml", overrides=override)
+    with pytest.raises(HDError, match="leaves its MLP no hidden unit"):
+        build(decoder_spec({"blocks": 1, "mlp_ratio": 0.001}), 48, 64)
+
+
+def test_fds_bias_table_gets_no_weight_decay():
+    from hdcli.train.optim import param_groups_weight_decay
+
+    m = relpos(True)
+    table = m.shared_rel_pos.relative_position_bias_table
+    groups = param_groups_weight_decay(m, 0.05)
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(table) in no_decay and table.ndim == 2
+    assert id(m.blocks[0].attn.qkv.weight) not in no_decay
+
+
+def test_analyze_reads_a_hub_name_as_a_hub_name(tmp_path):
+    r = run_hd("--offline", "analyze", "head-distance", "hf-hub:timm/vit_small_patch16_224.augreg_in21k",
+               "--images", "2", "--out", str(tmp_path / "a"), env={"HF_HUB_CACHE": str(tmp_path / "cache")})
+    assert r.returncode != 0 and "not in the hub cache" in r.stderr and "no student directory" not in r.stderr
+
+
+def test_a_figures_plan_of_some_runs_leaves_the_teachers_out(tmp_path):
+    p = rp.plan("figures", out=tmp_path, data={"in1k": "/data/in1k"}, gpus=8, only=["sec2-deit-none"])
+    assert [s.run for s in p.steps if s.run] == ["sec2-deit-none"] * 3
+    assert next(s for s in p.steps if s.stage == "teachers").argv[-1] == "deit"

@@ -153,6 +153,9 @@ def _source(name: str) -> str:
     local-dir:), else the name itself (a registry name or timm tag)."""
     from hdcli.teachers.load import student_dir
 
+    raw = name.removeprefix("local-dir:")
+    if not name.startswith("local-dir:") and not Path(raw).expanduser().exists():
+        return name  # a registry name, timm tag or hf-hub: repo
     d = student_dir(name)
     return name if d is None else f"local-dir:{d}"
 

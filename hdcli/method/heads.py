@@ -133,6 +133,9 @@ class Decoder(nn.Module):
         heads = spec.heads or max(1, dim // 64)
         if dim % heads:
             raise HDError(f"a decoder of width {dim} cannot have {heads} attention heads", f"give heads = a divisor of {dim}")
+        if int(dim * (spec.mlp_ratio or 4.0)) < 1:
+            raise HDError(f"decoder mlp_ratio {spec.mlp_ratio} leaves its MLP no hidden unit at width {dim}",
+                          "use mlp_ratio = 4 (a ViT block's) or leave it out")
         self.spec, self.d_in, self.d_out = spec, d_in, d_out
         self.embed = nn.Linear(d_in, dim) if dim != d_in else nn.Identity()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio=spec.mlp_ratio or 4.0, qkv_bias=True)
@@ -193,8 +196,8 @@ def decoder_spec(value) -> HeadSpec:
     paper's head) or a table ``{blocks = k, dim = ..., heads = ..., mlp_ratio = ...}`` (a :class:`Decoder`)."""
     if isinstance(value, str):
         if value not in DECODERS:
-            raise HDError(f"unknown decoder {value!r}", "use \"none\", \"linear\" or a table {blocks = 2, dim = 512, heads = 16}"
-                          + (f" ({did_you_mean(value, DECODERS)})" if did_you_mean(value, DECODERS) else ""))
+            raise HDError(f"unknown decoder {value!r}", did_you_mean(value, DECODERS) or
+                          "use \"none\", \"linear\" or a table {blocks = 2, dim = 512, heads = 16}")
         return HeadSpec(DECODERS[value])
     if not isinstance(value, dict):
         raise HDError(f"distill.decoder is a name or a table, got {value!r}", "e.g. decoder = {blocks = 2}")

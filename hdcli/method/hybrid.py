@@ -104,8 +104,9 @@ def targets_from_config(dc) -> tuple[list[Target], str | None]:
             raise HDError(f"two distillation targets are named {name!r}",
                           "give one of them a name: [[distill.targets]] name = \"...\" (a teacher listed twice in "
                           "--teachers gives its features twice: list it once)")
+    decoder_spec(dc.decoder)  # a decoder and the mask settings are checked even where unused
+    Reconstruction(dc.mask_ratio, dc.mask_block)
     if dc.mask_reconstruction:
-        reconstruction_of(dc)  # its settings
         bad = [t.name for t in targets if t.kind != "features" or t.student_blocks]
         if bad:
             raise HDError(f"distill.mask_reconstruction learns the teacher's final features; target {bad[0]} is not one",

@@ -272,7 +272,7 @@ def plan(target: str, *, out: str | os.PathLike | None = None, scale: str = "ful
 
     if not smoke:  # pretrained teachers must be in the hub cache (compute nodes run offline)
         names = list(dict.fromkeys([*(t for c in cfgs.values() for t in c.distill.teachers if t != WEAK_MAE),
-                                    *(figures.BASELINES if target == FIGURES else ())]))
+                                    *(figures.BASELINES if target == FIGURES and not only else ())]))
         p.steps.append(Step("", "teachers", ["hd", "fetch-teachers", "--offline", *names],
                             gpu_hours=0.0, estimate="verifies the hub cache; download first with "
                             f"`hd fetch-teachers {' '.join(names)}` on a machine with internet"))
@@ -298,7 +298,7 @@ def plan(target: str, *, out: str | os.PathLike | None = None, scale: str = "ful
                                   detectron2_dir=detectron2_dir, mmseg_dir=mmseg_dir)
             p.steps.append(Step(r, task, st.argv, st.done, st.gpu_hours, st.note, skip=distill.skip or st.why,
                                 after=st.after))
-    if target == FIGURES:  # the pretrained teachers' own curves (Fig. 1a, 2b, 3a)
+    if target == FIGURES and not only:  # the pretrained teachers' own curves (Fig. 1a, 2b, 3a)
         why = "smoke runs have no pretrained teachers to measure" if smoke else ""
         p.steps += [_analyze_step(p, figures.TEACHER_RUN, list(figures.BASELINES), metric, skip=why)
                     for metric in figures.METRICS]

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token")
+# ... and relative position bias tables (BEiT, FD: no decay on them; timm's relpos ViT does not name its own)
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "mask_token", "relative_position_bias_table")
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
