@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: install
+# the optional extras (Transformers and OpenCLIP teachers) are installed for the tests, which cover them
+EXTRAS := $(VENV)/.extras
+$(EXTRAS): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,hf,openclip]"
+	touch $(EXTRAS)
+
+test: install $(EXTRAS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install

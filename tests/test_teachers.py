@@ -76,6 +76,9 @@ def test_registry_maps_short_names_to_tags_and_roles():
         "siglip2": ("vit_base_patch16_siglip_224.v2_webli", "feature"),
         "eva02-clip": ("eva02_base_patch16_clip_224.merged2b", "feature"),
         "pe": ("vit_pe_core_base_patch16_224.fb", "feature"),
+        "hf-mae": ("hf:facebook/vit-mae-base", "mim"),
+        "hf-dinov2": ("hf:facebook/dinov2-base", "feature"),
+        "hf-siglip2": ("hf:google/siglip2-base-patch16-224", "feature"),
     }
 
 
@@ -83,6 +86,9 @@ def test_registry_hub_repos_are_timms():
     from timm.models import get_pretrained_cfg
 
     for name, spec in teachers.REGISTRY.items():
+        if spec.tag.startswith("hf:"):  # a Transformers repo: the repo itself (tests/test_hf_teachers.py)
+            assert teachers.REGISTRY_HUB_IDS[name] == spec.tag.removeprefix("hf:"), name
+            continue
         assert teachers.REGISTRY_HUB_IDS[name] == get_pretrained_cfg(spec.tag).hf_hub_id, name
 
 
@@ -96,6 +102,8 @@ def test_registry_families_prefix_tokens_and_input_statistics_are_timms():
     from hdcli.models import vit
 
     for name, spec in teachers.REGISTRY.items():
+        if spec.tag.startswith("hf:"):  # Transformers models: their statistics come from the repo's processor
+            continue
         cfg = get_pretrained_cfg(spec.tag)
         assert teachers.STATS[spec.stats] == (tuple(cfg.mean), tuple(cfg.std)), name
         with torch.device("meta"):

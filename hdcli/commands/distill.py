@@ -55,6 +55,9 @@ OPTIONS = (
         "this recipe and data: no teacher is loaded or run (docs/scale.md).", METHOD),
     Opt("distill.teacher_dtype", ("--teacher-dtype",), "auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16: "
         "the teachers' weights and compute, whatever --mixed-precision says.", METHOD),
+    Opt("distill.teacher_mean", ("--teacher-mean",), "R,G,B input mean of the teachers that state none (a py: "
+        "callable, an hf: directory without its image processor); with --teacher-std.", METHOD),
+    Opt("distill.teacher_std", ("--teacher-std",), "R,G,B input std of those teachers; with --teacher-mean.", METHOD),
     Opt("distill.target_norm", ("--target-norm",), "layernorm (the paper) | standardize (running per-channel) | "
         "standardize_roles (the same, the CLS/summary token apart: UNIC) | phis (PHI-S, AM-RADIO): how feature "
         "targets are normalised.", METHOD),

@@ -40,6 +40,8 @@ class MethodConfig:
     targets: list[dict] = field(default_factory=list)  # general form: [{teacher, kind, blocks, weight}, ...]
     target_norm: str = "layernorm"  # layernorm (paper) | standardize (UNIC) | phis (AM-RADIO): feature targets' default
     teacher_dtype: str = "auto"  # the teachers' precision: auto (bf16 on CUDA, fp32 on the CPU) | fp32 | bf16 | fp16
+    teacher_mean: list[float] | None = None  # input statistics of teachers that state none (py:, hf: without a
+    teacher_std: list[float] | None = None  # preprocessor_config.json); never assumed
     teacher_drop: float = 0.0  # UNIC's teacher dropping: per image, each feature target's loss dropped with this p
     targets_cache: str | None = None  # train from a target cache (hd cache-targets): no teacher is loaded or run
     # several students from one teacher pass (docs/scale.md): names of timm archs, or tables with any of
@@ -73,6 +75,11 @@ class MethodConfig:
         if not self.targets and len(self.teachers) < 2:
             raise HDError(f"the hybrid default needs two teachers or more (MIM first, then feature teachers), got "
                           f"{self.teachers}", "for other combinations list [[distill.targets]] (see docs/distill.md)")
+        if (self.teacher_mean is None) != (self.teacher_std is None) or any(
+                v is not None and (len(v) != 3 or (what == "teacher_std" and min(v) <= 0))
+                for what, v in (("teacher_mean", self.teacher_mean), ("teacher_std", self.teacher_std))):
+            raise HDError(f"distill.teacher_mean / teacher_std need three values each (std > 0), got "
+                          f"{self.teacher_mean} / {self.teacher_std}", "e.g. --teacher-mean 0.5,0.5,0.5 --teacher-std 0.5,0.5,0.5")
         if self.mask_teacher is not None and self.mask_teacher not in self.teachers:
             raise HDError(f"distill.mask_teacher {self.mask_teacher!r} is not one of distill.teachers",
                           did_you_mean(self.mask_teacher, self.teachers))

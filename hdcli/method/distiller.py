@@ -134,6 +134,9 @@ class Distiller(nn.Module):
     def _check(self, t: Target) -> dict[Pair, nn.Module]:
         """Blocks in range for both models, attention that exposes q·kᵀ, head counts; the heads of ``t``."""
         s, tm = self.student, self.teacher_pass.model(t.teacher)
+        if vit.features_only(tm) and t.kind != "features":
+            raise HDError(f"teacher {t.teacher!r} gives features only ({tm.hd_kind}): it has no blocks for a {t.kind} "
+                          f"target", "take its final features (kind = \"features\") and relations from a ViT teacher")
         if KINDS[t.kind].at == "final":
             if t.blocks:
                 raise HDError(f"target {t.name}: features are taken after the teacher's final norm, not at blocks",

@@ -13,7 +13,9 @@ from torch import nn
 from hdcli import teachers
 from hdcli.errors import HDError
 from hdcli.models import vit
-from hdcli.teachers.registry import RANDOM, random_arch
+from hdcli.models.features import as_teacher
+from hdcli.teachers.load import py_callable
+from hdcli.teachers.registry import HF, OPENCLIP, PY, RANDOM, random_arch
 
 
 def check_teacher_names(names: list[str]) -> None:
@@ -26,7 +28,18 @@ def check_teacher_names(names: list[str]) -> None:
             random_arch(name)  # a malformed name is an error now
             identity = name
         else:
-            identity = teachers.resolve(name).tag  # a directory: its resolved path
+            spec = teachers.resolve(name)
+            identity = spec.tag  # a directory: its resolved path
+            if spec.tag.startswith(PY):
+                py_callable(spec)  # importable, before any model is built
+            elif spec.tag.startswith(HF):
+                from hdcli.models.hf import transformers
+
+                transformers()  # the extra is installed
+            elif spec.tag.startswith(OPENCLIP):
+                from hdcli.models.openclip import open_clip
+
+                open_clip()
         if identity in seen and seen[identity] != name:
             raise HDError(f"teachers {seen[identity]!r} and {name!r} are one teacher ({identity.removeprefix('local-dir:')})",
                           "list it once")
@@ -61,8 +74,9 @@ def build_teacher(name: str, cfg, index: int, *, meta: bool = False) -> nn.Modul
             torch.manual_seed(1000 + index if seed is None else seed)
             with torch.device("meta") if meta else nullcontext():
                 model = teachers.create(arch, pretrained=False, **kwargs)
-            return model.requires_grad_(False).eval()
-        if meta:
+            return as_teacher(model).requires_grad_(False).eval()
+        if meta and not teachers.resolve(name).tag.startswith((HF, PY, OPENCLIP)):
             with torch.device("meta"):
-                return teachers.create(teachers.resolve(name).tag, num_classes=0).requires_grad_(False).eval()
-        return teachers.load(name)
+                return as_teacher(teachers.create(teachers.resolve(name).tag, num_classes=0)
+                                           ).requires_grad_(False).eval()
+        return teachers.load(name, mean=cfg.distill.teacher_mean, std=cfg.distill.teacher_std)

@@ -87,7 +87,7 @@ class Teacher(nn.Module):
             x = x * self.scale + self.shift
         if tuple(x.shape[-2:]) != self.img_size:
             x = F.interpolate(x, size=self.img_size, mode="bicubic", align_corners=False, antialias=True)
-        return x.to(self.model.patch_embed.proj.weight.dtype)
+        return x.to(vit.input_dtype(self.model))
 
     def run(self, images: torch.Tensor, wanted) -> Hidden:
         """The teacher's hidden states ``wanted`` ((at, block) pairs, ``targets.Hidden.run``) on ``images``."""
@@ -143,8 +143,12 @@ class TeacherPass(nn.Module):
             if mask_teacher is None:
                 raise HDError(f"{masking.strategy} masking needs a mask teacher",
                               "name the MIM teacher as mask_teacher, or use masking='random' / 'none'")
-            vit.check_blocks(self._teachers[mask_teacher].model, masking.blocks, f"mask teacher {mask_teacher!r}",
-                             "mask block")
+            mm = self._teachers[mask_teacher].model
+            if vit.features_only(mm):
+                raise HDError(f"mask teacher {mask_teacher!r} gives features only ({mm.hd_kind}): it has no blocks whose "
+                              "tokens could choose the kept ones", "let a ViT teacher choose them (list the MIM teacher "
+                              "first, or set mask_teacher), or use masking = 'random' / 'none'")
+            vit.check_blocks(mm, masking.blocks, f"mask teacher {mask_teacher!r}", "mask block")
         self.tokens: dict[str, TokenMatch] = {t.name: self._match(t, student_roles) for t in self.targets}
         self.norms = nn.ModuleDict({p.source_key: norms.RunningNorm(t.norm, self.width(t, p.teacher),
                                                                     summary=self.summary_rows(t))

@@ -49,6 +49,9 @@ def family(model: nn.Module) -> str:
     from timm.models.vision_transformer import VisionTransformer
     from timm.models.vision_transformer_relpos import VisionTransformerRelPos
 
+    adapted = getattr(model, "hd_family", "")  # another library's model in timm's layout (models.adapted, .features)
+    if adapted:
+        return adapted
     if isinstance(model, VisionTransformer):
         return "vit"
     if isinstance(model, Eva):
@@ -63,8 +66,8 @@ def check_vit(model: nn.Module, who: str) -> None:
     kind = family(model)
     if not kind:
         raise HDError(f"{who} ({type(model).__name__}) is not a supported model family", f"use a {SUPPORTED}")
-    needs = ("patch_embed", "blocks", "norm") if kind == "relpos" else ("patch_embed", "_pos_embed", "norm_pre",
-                                                                        "blocks", "norm")
+    needs = {"relpos": ("patch_embed", "blocks", "norm"), "features": ("tokens", "blocks", "norm")}.get(
+        kind, ("patch_embed", "_pos_embed", "norm_pre", "blocks", "norm"))
     for attr in needs:
         if not hasattr(model, attr):
             raise HDError(f"{who} ({type(model).__name__}) has no {attr}", f"use a {SUPPORTED}")
@@ -159,6 +162,16 @@ def check_blocks(model: nn.Module, blocks: Iterable[int], who: str, what: str = 
     return blocks
 
 
+def features_only(model: nn.Module) -> bool:
+    """Whether the model gives final features only (``hdcli.models.features``: no blocks, no q·kᵀ)."""
+    return family(model) == "features"
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model's input is cast to: its parameters'."""
+    return next(iter(model.parameters()), torch.empty(0)).dtype
+
+
 def fit_grid(model: nn.Module, grid: tuple[int, int]) -> tuple[int, int]:
     """Make ``model`` accept an input whose token grid is ``grid``; return that input size (H, W).
 
@@ -166,6 +179,9 @@ def fit_grid(model: nn.Module, grid: tuple[int, int]) -> tuple[int, int]:
     model's position embeddings are interpolated once here with timm's ``set_input_size`` (this
     changes ``model`` in place); ``dynamic_img_size`` models would also resample on the fly.
     """
+    if features_only(model):  # it sees its own input size; its map is resampled to the grid
+        model.grid = tuple(grid)
+        return tuple(model.img_size)
     p = patch_size(model)
     size = (grid[0] * p[0], grid[1] * p[1])
     if model.patch_embed.img_size is not None and tuple(model.patch_embed.img_size) != size:
@@ -235,6 +251,9 @@ def embed_kept(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None,
     ``masked`` = (mask bool [B, N], token [1, 1, D]): the masked patches' embeddings are replaced by the token
     before the position embedding is added (SimMIM; mask feature reconstruction, paper Sec. 2.4).
     """
+    if features_only(model):  # summary + the map on the student's grid
+        x = model.tokens(x)
+        return (x if keep is None else gather_tokens(x, keep, 1)), None
     x = model.patch_embed(x)
     if masked is not None:
         mask, token = masked

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 from hdcli.rundir import write_json
 from hdcli.teachers.registry import (
+    HF,
     HF_HUB,
     LOCAL_DIR,
     MANIFEST,
@@ -28,6 +29,7 @@ from hdcli.teachers.registry import (
     REGISTRY_HUB_IDS,
     WEIGHT_FILES,
     TeacherSpec,
+    hf_dir,
     resolve,
 )
 
@@ -52,6 +54,10 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
 
 
+HF_WEIGHTS = ("model.safetensors",)  # what a Transformers repo's save_pretrained holds
+HF_FILES = ("config.json", "preprocessor_config.json", "*.safetensors")  # what hd fetches of one
+
+
 def is_offline(offline: bool | None) -> bool:
     if offline is not None:
         return offline
@@ -66,6 +72,8 @@ def hub_source(spec: str | TeacherSpec) -> tuple[str, tuple[str, ...], str | Non
     spec = resolve(spec)
     if spec.tag.startswith(LOCAL_DIR):
         return None
+    if spec.tag.startswith(HF):  # a Transformers model: a directory, or a hub repo with its config
+        return None if hf_dir(spec.tag) else (spec.tag[len(HF):], HF_WEIGHTS, None)
     if spec.tag.startswith(HF_HUB):
         repo, _, rev = spec.tag[len(HF_HUB):].partition("@")
         return repo, ("open_clip_model.safetensors", *WEIGHT_FILES, "open_clip_pytorch_model.bin"), rev or None
@@ -101,7 +109,7 @@ def cached_weights(spec: str | TeacherSpec, cache_dir: str | os.PathLike | None 
 
 
 def _is_hf_hub(spec: str | TeacherSpec) -> bool:
-    return resolve(spec).tag.startswith(HF_HUB)
+    return resolve(spec).tag.startswith((HF_HUB, HF))
 
 
 def _ways_out(spec: TeacherSpec) -> str:
@@ -109,6 +117,8 @@ def _ways_out(spec: TeacherSpec) -> str:
             f"as HF_HUB_CACHE or --cache-dir")
     if spec.tag.startswith(HF_HUB):
         return copy
+    if spec.tag.startswith(HF):
+        return f"two ways out: {copy}, or give hf:DIR, a directory the model was saved into with save_pretrained"
     return (f"two ways out: {copy}, or import a checkpoint file with "
             f"`hd fetch-teachers {spec.name} --from-file {spec.name}=PATH`")
 

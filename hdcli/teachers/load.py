@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 from hdcli.teachers.hub import (
+    HF_FILES,
     cached_weights,
     hub_source,
     is_offline,
@@ -26,7 +27,19 @@ from hdcli.teachers.hub import (
     write_cache_entry,
     write_manifest,
 )
-from hdcli.teachers.registry import HF_HUB, LOCAL_DIR, REGISTRY, WEIGHT_FILES, TeacherSpec, names, resolve
+from hdcli.teachers.registry import (
+    HF,
+    HF_HUB,
+    LOCAL_DIR,
+    OPENCLIP,
+    PY,
+    REGISTRY,
+    WEIGHT_FILES,
+    TeacherSpec,
+    hf_dir,
+    names,
+    resolve,
+)
 
 
 def _build(spec: TeacherSpec, *, cache_dir, offline: bool | None, **kwargs) -> nn.Module:
@@ -109,8 +122,57 @@ def _load_error(msg: str) -> str | None:
     return why if len(why) <= 300 else why[:297] + "..."
 
 
+def _hf_model(spec: TeacherSpec, *, cache_dir, offline: bool | None, mean, std) -> nn.Module:
+    """A Transformers teacher (``hf:DIR`` or ``hf:ORG/NAME``): the directory, or its snapshot in the hub cache
+    (downloaded when missing and online)."""
+    from hdcli.models import hf
+
+    hf.transformers()  # the extra, before any download
+    d = hf_dir(spec.tag)
+    if d is None:
+        cache = resolve_cache_dir(cache_dir)
+        weights = cached_weights(spec, cache)
+        if weights is None:
+            if is_offline(offline):
+                raise missing_weights(spec, cache)
+            probe_hub(spec, cache)
+            from huggingface_hub import snapshot_download
+
+            repo = spec.tag[len(HF):]
+            d = Path(snapshot_download(repo, cache_dir=str(cache), allow_patterns=list(HF_FILES)))
+        else:
+            d = weights.parent
+    return hf.load(d, mean=mean, std=std)
+
+
+def py_callable(spec: TeacherSpec):
+    """The callable of a ``py:module:callable`` teacher (its module imported; cheap: checked before any model
+    is built)."""
+    import importlib
+
+    module, _, fn = spec.tag[len(PY):].rpartition(":")
+    try:
+        obj = getattr(importlib.import_module(module), fn)
+    except ImportError as e:
+        raise HDError(f"teacher {spec.name}: cannot import {module} ({e})",
+                      "put the module on PYTHONPATH (or install its package)") from None
+    except AttributeError:
+        raise HDError(f"teacher {spec.name}: {module} has no {fn}", "name a callable that returns the model") from None
+    if not callable(obj):
+        raise HDError(f"teacher {spec.name}: {module}.{fn} is not callable", "name a function that returns the model")
+    return obj
+
+
+def _py_model(spec: TeacherSpec, *, mean, std) -> nn.Module:
+    """A ``py:module:callable`` teacher: the callable called with no arguments, its model read features-only."""
+    from hdcli.models import features
+
+    return features.from_callable(py_callable(spec)(), name=spec.name, mean=mean, std=std)
+
+
 def load(name: str | TeacherSpec, *, cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
-         img_size: int | tuple[int, int] | None = None, patch_size: int | None = None, **timm_kwargs) -> nn.Module:
+         img_size: int | tuple[int, int] | None = None, patch_size: int | None = None, mean=None, std=None,
+         **timm_kwargs) -> nn.Module:
     """A frozen (``requires_grad=False``), eval-mode timm model without classifier (``num_classes=0``).
 
     Weights come from the hub cache (``cache_dir``, default ``HF_HUB_CACHE``) or a local directory;
@@ -118,13 +180,27 @@ def load(name: str | TeacherSpec, *, cache_dir: str | os.PathLike | None = None,
     names the tag, the cache and the ways out. ``img_size``/``patch_size`` rebuild the model at another
     resolution / patch size; timm resamples the position (and patch) embeddings while loading (a /14
     teacher at 196 px gives the 14x14 grid of a /16 student at 224 px). Mean/std stay in
-    ``model.pretrained_cfg["mean"/"std"]``.
+    ``model.pretrained_cfg["mean"/"std"]``. ``hf:`` (Transformers) and ``py:`` (a callable) teachers come in timm's
+    layout (``hdcli.models.hf``, ``hdcli.models.features``), as do timm models that are not ViTs (features only);
+    ``mean``/``std``: their input statistics where they state none.
     """
+    from hdcli.models import features
+
     spec = resolve(name)
-    if spec.tag.startswith(LOCAL_DIR):  # the classifier is dropped (num_classes=0)
-        check_dir(spec.tag.removeprefix(LOCAL_DIR), dropped=("head.",), who=f"teacher '{spec.name}'", num_classes=0)
-    model = _build(spec, cache_dir=cache_dir, offline=offline, num_classes=0,
-                   img_size=img_size, patch_size=patch_size, **timm_kwargs)
+    if spec.tag.startswith(HF):
+        model = _hf_model(spec, cache_dir=cache_dir, offline=offline, mean=mean, std=std)
+    elif spec.tag.startswith(PY):
+        model = _py_model(spec, mean=mean, std=std)
+    elif spec.tag.startswith(OPENCLIP):
+        from hdcli.models import openclip
+
+        arch, _, file = spec.tag[len(OPENCLIP):].partition(":")
+        model = openclip.load(arch, file)
+    else:
+        if spec.tag.startswith(LOCAL_DIR):  # the classifier is dropped (num_classes=0)
+            check_dir(spec.tag.removeprefix(LOCAL_DIR), dropped=("head.",), who=f"teacher '{spec.name}'", num_classes=0)
+        model = features.as_teacher(_build(spec, cache_dir=cache_dir, offline=offline, num_classes=0,
+                                  img_size=img_size, patch_size=patch_size, **timm_kwargs))
     model.requires_grad_(False)
     return model.eval()
 

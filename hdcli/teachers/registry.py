@@ -19,6 +19,9 @@ ROLES = ("mim", "feature")
 MANIFEST = "teachers.json"
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
+HF = "hf:"  # hf:DIR or hf:ORG/NAME: a Hugging Face Transformers vision model (hdcli.models.hf)
+PY = "py:"  # py:module:callable: a lab's own features-only teacher (hdcli.models.features)
+OPENCLIP = "openclip:"  # openclip:ARCH:FILE: an OpenCLIP vision tower and its checkpoint (hdcli.models.openclip)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm looks for in a hub repo, in order
 
 
@@ -59,6 +62,12 @@ REGISTRY: dict[str, TeacherSpec] = {
     "eva02-clip": TeacherSpec("eva02-clip", "eva02_base_patch16_clip_224.merged2b", "feature", "Eva (RoPE)", "CLS",
                               "clip"),
     "pe": TeacherSpec("pe", "vit_pe_core_base_patch16_224.fb", "feature", "Eva (RoPE)", "CLS (+ MAP head)", "0.5"),
+    # Transformers checkpoints (the extra hdcli[hf]); their statistics come from the repo's image processor
+    "hf-mae": TeacherSpec("hf-mae", "hf:facebook/vit-mae-base", "mim", "Transformers ViTMAE", "CLS", "imagenet"),
+    "hf-dinov2": TeacherSpec("hf-dinov2", "hf:facebook/dinov2-base", "feature", "Transformers DINOv2", "CLS",
+                             "imagenet"),
+    "hf-siglip2": TeacherSpec("hf-siglip2", "hf:google/siglip2-base-patch16-224", "feature", "Transformers SigLIP",
+                              "none (MAP head)", "0.5"),
 }
 STATS = {  # what TeacherSpec.stats stands for (mean, std); tests/test_teachers.py checks them against timm
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -82,6 +91,9 @@ REGISTRY_HUB_IDS: dict[str, str] = {
     "siglip2": "timm/vit_base_patch16_siglip_224.v2_webli",
     "eva02-clip": "timm/eva02_base_patch16_clip_224.merged2b",
     "pe": "timm/vit_pe_core_base_patch16_224.fb",
+    "hf-mae": "facebook/vit-mae-base",
+    "hf-dinov2": "facebook/dinov2-base",
+    "hf-siglip2": "google/siglip2-base-patch16-224",
 }
 
 
@@ -110,6 +122,21 @@ def resolve(name: str | TeacherSpec) -> TeacherSpec:
         return REGISTRY[raw.lower()]
     if raw.startswith(HF_HUB):
         return TeacherSpec(raw, raw, None)
+    if raw.startswith(HF):
+        return TeacherSpec(raw, _hf_tag(raw), None, "Transformers")
+    if raw.startswith(OPENCLIP):
+        arch, _, file = raw[len(OPENCLIP):].partition(":")
+        if not arch or not file:
+            raise HDError(f"{raw!r} names no checkpoint", "write openclip:ARCH:FILE, e.g. openclip:ViT-B-16:/ckpt/open_clip_model.safetensors")
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise HDError(f"the OpenCLIP checkpoint {path} does not exist", "give the file of the tower's weights")
+        return TeacherSpec(raw, f"{OPENCLIP}{arch}:{path.resolve()}", None, "OpenCLIP")
+    if raw.startswith(PY):
+        module, _, fn = raw[len(PY):].rpartition(":")
+        if not module or not fn.isidentifier():
+            raise HDError(f"{raw!r} names no callable", "write py:MODULE:CALLABLE, e.g. py:my_lab.teachers:build")
+        return TeacherSpec(raw, raw, None, "callable")
     # timm names never hold a path separator; anything path-like must be a model directory
     if raw.startswith((LOCAL_DIR, ".", "~")) or "/" in raw or os.sep in raw or Path(raw).is_dir():
         path = Path(raw[len(LOCAL_DIR):] if raw.startswith(LOCAL_DIR) else raw).expanduser()
@@ -152,7 +179,11 @@ def label(name: str) -> str:
     by_tag = {spec.tag: short for short, spec in REGISTRY.items()}
     if raw in by_tag:
         return by_tag[raw]
-    if raw.startswith(LOCAL_DIR) or "/" in raw or os.sep in raw:
+    if raw.startswith(OPENCLIP):  # its architecture
+        raw = raw[len(OPENCLIP):].partition(":")[0]
+    elif raw.startswith(PY):  # module and callable
+        raw = raw[len(PY):]
+    elif raw.startswith(LOCAL_DIR) or "/" in raw or os.sep in raw:
         path = Path(raw.removeprefix(LOCAL_DIR)).expanduser()
         raw = path.parent.name if path.name == STUDENT and path.parent.name else path.name
     return re.sub(r"[^A-Za-z0-9_-]+", "_", raw.removeprefix(HF_HUB)).strip("_") or "teacher"
@@ -169,6 +200,24 @@ def labels(teachers: list[str]) -> list[str]:
                 k += 1
             given[t] = base if k == 1 else f"{base}-{k}"
     return [given[t] for t in teachers]
+
+
+def _hf_tag(raw: str) -> str:
+    """``hf:`` + a resolved directory, or ``hf:`` + a hub repo id (ORG/NAME)."""
+    target = raw[len(HF):]
+    path = Path(target).expanduser()
+    if path.is_dir():
+        return HF + str(path.resolve())
+    if target.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", target):
+        raise HDError(f"{raw!r} is neither a directory nor a hub repo (ORG/NAME)",
+                      "give hf:DIR (a save_pretrained directory) or hf:ORG/NAME, e.g. hf:facebook/vit-mae-base")
+    return HF + target
+
+
+def hf_dir(tag: str) -> Path | None:
+    """The directory of an ``hf:`` tag, or None for a hub repo."""
+    target = tag[len(HF):]
+    return Path(target) if target.startswith("/") else None
 
 
 def _unknown(tag: str, near: list[str]) -> HDError:
