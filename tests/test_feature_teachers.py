@@ -174,3 +174,40 @@ def test_tiny_recipe_with_a_convnext_and_a_callable_feature_teacher_beside_mae(t
     r = run_hd(*base, "--teachers", f"local-dir:{conv},random:{CLIP}", "--masking", "none", "--out",
                str(tmp_path / "bad2"), env=env)
     assert r.returncode != 0 and "gives features only" in r.stderr and "Traceback" not in r.stderr
+
+
+RAISING = '''
+from torch import nn
+
+
+def fails():
+    raise RuntimeError("the lab's weights are on another disk")
+
+
+def needs(path):
+    return nn.Identity()
+
+
+class Pair(nn.Module):
+    mean, std, img_size = (0.5,) * 3, (0.5,) * 3, 32
+
+    def forward(self, x):
+        return x, x
+
+
+def pair():
+    return Pair()
+'''
+
+
+def test_a_callable_that_fails_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "lab_raising.py").write_text(RAISING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        for name, message in (("fails", "calling it failed: RuntimeError: the lab's weights are on another disk"),
+                              ("needs", "calling it failed: TypeError"),
+                              ("pair", "returned a tuple, not a tensor")):
+            with pytest.raises(HDError, match=message):
+                teachers.load(f"py:lab_raising:{name}")
+    finally:
+        sys.modules.pop("lab_raising", None)

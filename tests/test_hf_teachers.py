@@ -204,3 +204,44 @@ def test_bad_transformers_input_is_one_line_before_any_step(tmp_path, mae_dir):
         assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and "step 1/" not in r.stdout
     assert not (REPO / "runs").joinpath("r").exists()
+
+
+# ---------------------------------------------------------------- a hostile user's findings
+
+def test_a_teachers_own_statistics_win_over_the_fallback(mae_dir):
+    m = teachers.load(f"hf:{mae_dir}", mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6])
+    assert m.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)  # its processor's, not --teacher-mean's
+
+
+def test_a_teacher_at_another_grid_has_its_position_embeddings_resampled_as_timm_does(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+
+    d = tmp_path / "dino64"
+    hf_model("Dinov2Model", image_size=64).save_pretrained(d)  # a 16 x 16 grid, as DINOv2's 518 px is 37 x 37
+    T.BitImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(d)
+    m = teachers.load(f"hf:{d}")
+    assert vit.fit_grid(m, (8, 8)) == (32, 32) and m.patch_embed.grid_size == (8, 8)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        h, _ = vit.embed(m, x)
+        own = m.source.embeddings.position_embeddings
+        want = resample_abs_pos_embed(own, [8, 8], old_size=[16, 16], num_prefix_tokens=1)
+        patches = m.patch_embed(x)
+        torch.testing.assert_close(h[:, 1:], patches + want[:, 1:])
+        assert m.forward_features(x).shape == (1, 65, 48)
+
+
+def test_a_sharded_repo_in_the_hub_cache_loads_offline_and_a_local_directory_needs_no_cache(tmp_path):
+    d = tmp_path / "sharded"
+    hf_model("ViTModel", seed=5).save_pretrained(d, max_shard_size="100KB")
+    T.ViTImageProcessor().save_pretrained(d)
+    assert (d / "model.safetensors.index.json").is_file() and not (d / "model.safetensors").exists()
+    snap = tmp_path / "cache" / "models--lab--sharded" / "snapshots" / "r1"
+    snap.mkdir(parents=True)
+    for f in d.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("r1")
+    assert vit.depth(teachers.load("hf:lab/sharded", cache_dir=tmp_path / "cache", offline=True)) == 3
+    records = teachers.fetch([f"hf:{d}"], cache_dir=tmp_path / "other", offline=True)
+    assert records[0]["source"] == "local-dir"

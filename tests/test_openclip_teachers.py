@@ -60,3 +60,10 @@ def test_bad_openclip_names_are_one_line(checkpoint, tmp_path):
         teachers.load(f"openclip:ViT-Q-99:{path}")
     with pytest.raises(HDError, match="cannot load OpenCLIP ViT-B-32"):
         teachers.load(f"openclip:ViT-B-32:{path}")  # another architecture's weights
+
+
+def test_an_unreadable_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "garbage.bin"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(HDError, match="cannot load OpenCLIP ViT-B-16"):
+        teachers.load(f"openclip:ViT-B-16:{bad}")

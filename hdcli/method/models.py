@@ -14,8 +14,8 @@ from hdcli import teachers
 from hdcli.errors import HDError
 from hdcli.models import vit
 from hdcli.models.features import as_teacher
-from hdcli.teachers.load import py_callable
 from hdcli.teachers.registry import HF, OPENCLIP, PY, RANDOM, random_arch
+from hdcli.teachers.sources import py_callable
 
 
 def check_teacher_names(names: list[str]) -> None:

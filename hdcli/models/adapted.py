@@ -73,7 +73,8 @@ class Adapted(nn.Module):
 
     def __init__(self, source: nn.Module, *, family: str, patch_embed: PatchEmbed, pos_embed: Callable,
                  blocks: list[Block], norm: nn.Module, norm_pre: nn.Module | None = None, cls: bool,
-                 num_prefix: int, embed_dim: int, mean, std, pool: Callable | None = None, kind: str = ""):
+                 num_prefix: int, embed_dim: int, mean, std, pool: Callable | None = None, kind: str = "",
+                 resize: Callable[[tuple[int, int]], None] | None = None):
         super().__init__()
         self.source = source
         self.hd_family, self.hd_kind = family, kind or type(source).__name__
@@ -88,18 +89,26 @@ class Adapted(nn.Module):
         self.embed_dim = self.num_features = self.head_hidden_size = int(embed_dim)
         self.pretrained_cfg = {"mean": tuple(mean), "std": tuple(std), "tag": self.hd_kind}
         self._pool = pool
+        self._resize = resize  # grid -> None: the position embeddings resampled to it (None: fixed size)
         self.global_pool = "map" if pool is not None else "token"  # a summary without CLS (targets.match_prefix)
 
     def _pos_embed(self, x: torch.Tensor):
         return self._pos(x)
 
     def set_input_size(self, img_size) -> None:
-        """Adapted models keep the input size they were built for (their position embeddings are not resampled)."""
+        """Take ``img_size`` inputs (``vit.fit_grid``: the student's token grid): the position embeddings resampled
+        to the new grid as timm resamples its own (bicubic, ``resample_abs_pos_embed``)."""
         from hdcli.errors import HDError
 
-        raise HDError(f"the {self.hd_kind} teacher takes {self.patch_embed.img_size[0]} px images (a "
-                      f"{self.patch_embed.grid_size[0]}x{self.patch_embed.grid_size[1]} grid), the student's grid needs "
-                      f"{tuple(img_size)}", "give the student the teacher's token grid (--img-size / --patch-size)")
+        size = tuple(int(s) for s in img_size)
+        pe = self.patch_embed
+        if self._resize is None or any(s % p for s, p in zip(size, pe.patch_size, strict=True)):
+            raise HDError(f"the {self.hd_kind} teacher takes {pe.img_size[0]} px images (a {pe.grid_size[0]}x"
+                          f"{pe.grid_size[1]} grid) and cannot take {size[0]}x{size[1]} px",
+                          "give the student the teacher's token grid (--img-size / --patch-size)")
+        grid = (size[0] // pe.patch_size[0], size[1] // pe.patch_size[1])
+        self._resize(grid)
+        pe.img_size, pe.grid_size, pe.num_patches = size, grid, grid[0] * grid[1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         from hdcli.models import vit

@@ -34,6 +34,9 @@ def resample(feature_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 def as_map(y: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A teacher's output as (map [B, C, h, w], its own summary [B, C] or None). Tokens [B, T, D]: T = h·w square,
     or 1 + h·w (the first token is the summary). HDError for any other shape."""
+    if not isinstance(y, torch.Tensor):
+        raise HDError(f"{who} returned a {type(y).__name__}, not a tensor",
+                      "a features-only teacher's forward returns a map [B, C, h, w] or tokens [B, T, D]")
     if y.dim() == 4:
         return y, None
     if y.dim() == 3:

@@ -84,12 +84,13 @@ def load(d: Path, *, mean=None, std=None) -> Adapted:
     t = transformers()
     cfg = read_config(d)
     cls_name = vision_class(cfg, d)
-    found = stats(d)
+    found = stats(d)  # the model's own statistics win; mean/std only fill in where it states none
     if found is None and (mean is None or std is None):
         raise HDError(f"{d} has no {PREPROCESSOR} with image_mean/image_std, so its input normalisation is unknown",
-                      "save the model's image processor beside it, or pass --teacher-mean and --teacher-std")
-    mean, std = found if mean is None or std is None else (mean, std)
+                      "save the model's image processor beside it, or give hd distill --teacher-mean and --teacher-std")
+    mean, std = found if found is not None else (mean, std)
     cls = getattr(t, cls_name)
+    t.logging.set_verbosity_error()  # a CLIP / SigLIP model's text weights are not loaded: not news
     try:
         model = cls.from_pretrained(str(d))  # a CLIP / SigLIP model's directory gives its vision tower
     except (OSError, ValueError, RuntimeError) as e:
@@ -139,57 +140,73 @@ def adapt(model: nn.Module, mean, std) -> Adapted:
     emb = core.embeddings
     size = config.image_size if isinstance(config.image_size, list | tuple) else (config.image_size,) * 2
     common = dict(mean=mean, std=std, embed_dim=config.hidden_size, kind=kind)
-    if kind in ("ViTModel", "ViTMAEModel"):
-        pos = emb.position_embeddings  # [1, 1+N, D]
+    patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
+    grid = [size[0] // patch, size[1] // patch]  # the current token grid (vit.fit_grid may change it)
+    if kind == "DINOv3ViTModel":  # RoPE from the grid: nothing to resample
+        regs = emb.register_tokens
 
         def pos_embed(x):
-            cls = (emb.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
-            return torch.cat([cls, x + pos[:, 1:]], dim=1)
+            b = x.shape[0]
+            cos, sin = core.rope_embeddings(x.new_empty(1, 3, grid[0] * patch, grid[1] * patch))
+            return torch.cat([emb.cls_token.expand(b, -1, -1), regs.expand(b, -1, -1), x], dim=1), \
+                torch.cat([sin, cos], dim=-1)
+
+        return Adapted(model, family="eva", patch_embed=PatchEmbed(emb.patch_embeddings, size), pos_embed=pos_embed,
+                       blocks=_blocks(core.model.layer, config, "norm1", True), norm=core.norm, cls=True,
+                       num_prefix=1 + regs.shape[1], resize=lambda g: grid.__setitem__(slice(None), g), **common)
+    # absolute position embeddings [1, P+N, D] (P = 1 with a class token, 0 for SigLIP), resampled on request
+    own = emb.position_embeddings if kind != "CLIPVisionModel" and kind != "SiglipVisionModel" else \
+        emb.position_embedding.weight[None]
+    prefix = 0 if kind == "SiglipVisionModel" else 1
+    pos = {"table": own}
+
+    def resize(g):
+        from timm.layers import resample_abs_pos_embed
+
+        pos["table"] = resample_abs_pos_embed(own.detach(), list(g), old_size=[size[0] // patch, size[1] // patch],
+                                              num_prefix_tokens=prefix)
+        grid[:] = g
+
+    def table(x):
+        return pos["table"].to(device=x.device, dtype=x.dtype)
+
+    regs = getattr(emb, "register_tokens", None)
+    if kind in ("ViTModel", "ViTMAEModel"):
+        def pos_embed(x):
+            p = table(x)
+            cls = (emb.cls_token + p[:, :1]).expand(x.shape[0], -1, -1)
+            return torch.cat([cls, x + p[:, 1:]], dim=1)
 
         layers = getattr(core, "layers", None) or core.encoder.layer
         return Adapted(model, family="vit", patch_embed=PatchEmbed(emb.patch_embeddings.projection, size),
                        pos_embed=pos_embed, blocks=_blocks(layers, config, "layernorm_before", False),
-                       norm=core.layernorm, cls=True, num_prefix=1, **common)
+                       norm=core.layernorm, cls=True, num_prefix=1, resize=resize, **common)
     if kind in ("Dinov2Model", "Dinov2WithRegistersModel"):
-        regs = getattr(emb, "register_tokens", None)
-
         def pos_embed(x):
-            x = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + emb.position_embeddings
+            x = torch.cat([emb.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + table(x)
             if regs is None:
                 return x
             return torch.cat([x[:, :1], regs.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
 
         return Adapted(model, family="vit", patch_embed=PatchEmbed(emb.patch_embeddings.projection, size),
                        pos_embed=pos_embed, blocks=_blocks(core.encoder.layer, config, "norm1", False),
-                       norm=core.layernorm, cls=True, num_prefix=1 + (0 if regs is None else regs.shape[1]), **common)
-    if kind == "DINOv3ViTModel":
-        regs = emb.register_tokens
-        grid = (size[0] // config.patch_size, size[1] // config.patch_size)
-
-        def pos_embed(x):
-            b = x.shape[0]
-            probe = x.new_empty(1, 3, grid[0] * config.patch_size, grid[1] * config.patch_size)
-            cos, sin = core.rope_embeddings(probe)
-            return torch.cat([emb.cls_token.expand(b, -1, -1), regs.expand(b, -1, -1), x], dim=1), \
-                torch.cat([sin, cos], dim=-1)
-
-        return Adapted(model, family="eva", patch_embed=PatchEmbed(emb.patch_embeddings, size), pos_embed=pos_embed,
-                       blocks=_blocks(core.model.layer, config, "norm1", True), norm=core.norm, cls=True,
-                       num_prefix=1 + regs.shape[1], **common)
+                       norm=core.layernorm, cls=True, num_prefix=1 + (0 if regs is None else regs.shape[1]),
+                       resize=resize, **common)
     if kind == "CLIPVisionModel":
         def pos_embed(x):
             cls = emb.class_embedding.expand(x.shape[0], 1, -1)
-            return torch.cat([cls, x], dim=1) + emb.position_embedding(emb.position_ids)
+            return torch.cat([cls, x], dim=1) + table(x)
 
         return Adapted(model, family="vit", patch_embed=PatchEmbed(emb.patch_embedding, size), pos_embed=pos_embed,
                        blocks=_blocks(core.encoder.layers, config, "layer_norm1", False), norm=nn.Identity(),
-                       norm_pre=core.pre_layrnorm, cls=True, num_prefix=1, **common)
+                       norm_pre=core.pre_layrnorm, cls=True, num_prefix=1, resize=resize, **common)
     # SiglipVisionModel: no class token; its MAP head is the summary
     head = getattr(core, "head", None) if getattr(core, "use_head", True) else None
 
     def pos_embed(x):
-        return x + emb.position_embedding(emb.position_ids)
+        return x + table(x)
 
     return Adapted(model, family="vit", patch_embed=PatchEmbed(emb.patch_embedding, size), pos_embed=pos_embed,
                    blocks=_blocks(core.encoder.layers, config, "layer_norm1", False), norm=core.post_layernorm,
-                   cls=False, num_prefix=0, pool=head if head is not None else (lambda x: x.mean(dim=1)), **common)
+                   cls=False, num_prefix=0, pool=head if head is not None else (lambda x: x.mean(dim=1)),
+                   resize=resize, **common)

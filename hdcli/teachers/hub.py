@@ -54,8 +54,8 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     return Path(cache_dir).expanduser().resolve() if cache_dir else default_cache_dir()
 
 
-HF_WEIGHTS = ("model.safetensors",)  # what a Transformers repo's save_pretrained holds
-HF_FILES = ("config.json", "preprocessor_config.json", "*.safetensors")  # what hd fetches of one
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # a Transformers repo's weights (or its shards')
+HF_FILES = ("*.json", "*.safetensors")  # what hd fetches of one: configs, the shards' index, the weights
 
 
 def is_offline(offline: bool | None) -> bool:

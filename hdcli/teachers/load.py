@@ -15,8 +15,8 @@ from hdcli.rundir import CHECKPOINTS, STUDENT
 if TYPE_CHECKING:
     from torch import nn
 
+from hdcli.teachers import sources
 from hdcli.teachers.hub import (
-    HF_FILES,
     cached_weights,
     hub_source,
     is_offline,
@@ -122,54 +122,6 @@ def _load_error(msg: str) -> str | None:
     return why if len(why) <= 300 else why[:297] + "..."
 
 
-def _hf_model(spec: TeacherSpec, *, cache_dir, offline: bool | None, mean, std) -> nn.Module:
-    """A Transformers teacher (``hf:DIR`` or ``hf:ORG/NAME``): the directory, or its snapshot in the hub cache
-    (downloaded when missing and online)."""
-    from hdcli.models import hf
-
-    hf.transformers()  # the extra, before any download
-    d = hf_dir(spec.tag)
-    if d is None:
-        cache = resolve_cache_dir(cache_dir)
-        weights = cached_weights(spec, cache)
-        if weights is None:
-            if is_offline(offline):
-                raise missing_weights(spec, cache)
-            probe_hub(spec, cache)
-            from huggingface_hub import snapshot_download
-
-            repo = spec.tag[len(HF):]
-            d = Path(snapshot_download(repo, cache_dir=str(cache), allow_patterns=list(HF_FILES)))
-        else:
-            d = weights.parent
-    return hf.load(d, mean=mean, std=std)
-
-
-def py_callable(spec: TeacherSpec):
-    """The callable of a ``py:module:callable`` teacher (its module imported; cheap: checked before any model
-    is built)."""
-    import importlib
-
-    module, _, fn = spec.tag[len(PY):].rpartition(":")
-    try:
-        obj = getattr(importlib.import_module(module), fn)
-    except ImportError as e:
-        raise HDError(f"teacher {spec.name}: cannot import {module} ({e})",
-                      "put the module on PYTHONPATH (or install its package)") from None
-    except AttributeError:
-        raise HDError(f"teacher {spec.name}: {module} has no {fn}", "name a callable that returns the model") from None
-    if not callable(obj):
-        raise HDError(f"teacher {spec.name}: {module}.{fn} is not callable", "name a function that returns the model")
-    return obj
-
-
-def _py_model(spec: TeacherSpec, *, mean, std) -> nn.Module:
-    """A ``py:module:callable`` teacher: the callable called with no arguments, its model read features-only."""
-    from hdcli.models import features
-
-    return features.from_callable(py_callable(spec)(), name=spec.name, mean=mean, std=std)
-
-
 def load(name: str | TeacherSpec, *, cache_dir: str | os.PathLike | None = None, offline: bool | None = None,
          img_size: int | tuple[int, int] | None = None, patch_size: int | None = None, mean=None, std=None,
          **timm_kwargs) -> nn.Module:
@@ -187,15 +139,8 @@ def load(name: str | TeacherSpec, *, cache_dir: str | os.PathLike | None = None,
     from hdcli.models import features
 
     spec = resolve(name)
-    if spec.tag.startswith(HF):
-        model = _hf_model(spec, cache_dir=cache_dir, offline=offline, mean=mean, std=std)
-    elif spec.tag.startswith(PY):
-        model = _py_model(spec, mean=mean, std=std)
-    elif spec.tag.startswith(OPENCLIP):
-        from hdcli.models import openclip
-
-        arch, _, file = spec.tag[len(OPENCLIP):].partition(":")
-        model = openclip.load(arch, file)
+    if spec.tag.startswith((HF, PY, OPENCLIP)):
+        model = sources.load(spec, cache_dir=cache_dir, offline=offline, mean=mean, std=std)
     else:
         if spec.tag.startswith(LOCAL_DIR):  # the classifier is dropped (num_classes=0)
             check_dir(spec.tag.removeprefix(LOCAL_DIR), dropped=("head.",), who=f"teacher '{spec.name}'", num_classes=0)
@@ -348,7 +293,7 @@ def fetch(teachers: Iterable[str], *, cache_dir: str | os.PathLike | None = None
     specs = [resolve(n) for n in wanted]  # all names checked before any download
     offline = is_offline(offline)
     for spec in specs:  # fail fast, before minutes of downloads, on anything that cannot work
-        if spec.name in from_files or spec.tag.startswith(LOCAL_DIR) or cached_weights(spec, cache):
+        if spec.name in from_files or sources.is_local(spec) or cached_weights(spec, cache):
             continue
         if offline:
             raise missing_weights(spec, cache)
@@ -361,10 +306,10 @@ def fetch(teachers: Iterable[str], *, cache_dir: str | os.PathLike | None = None
             import_checkpoint(spec, from_files[spec.name], cache_dir=cache)
             source = f"file:{Path(from_files[spec.name]).expanduser().resolve()}"
         else:
-            source = "local-dir" if spec.tag.startswith(LOCAL_DIR) else "hub"
+            source = "local-dir" if sources.is_local(spec) else "hub"
         model = load(spec, cache_dir=cache, offline=offline)
-        if spec.tag.startswith(LOCAL_DIR):
-            local = Path(spec.tag[len(LOCAL_DIR):])
+        if sources.is_local(spec):
+            local = Path(spec.tag[len(LOCAL_DIR):]) if spec.tag.startswith(LOCAL_DIR) else (hf_dir(spec.tag) or Path())
             weights = next((local / f for f in WEIGHT_FILES if (local / f).is_file()),
                            None)
         else:

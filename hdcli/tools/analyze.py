@@ -96,7 +96,7 @@ def nmi(attn: Tensor) -> Tensor:
 def check_blocks(model: nn.Module, who: str | None = None) -> None:
     """HDError unless ``model`` is of a supported family and every block exposes q·kᵀ (``vit.check_attention``):
     then the attention logits are exactly ``vit.relations``(entering state, its RoPE)·scale."""
-    who = who or type(model).__name__
+    who = who or getattr(model, "hd_kind", None) or type(model).__name__  # an adapted model: its library's class
     if not len(getattr(model, "blocks", ()) or ()):
         raise HDError(f"{who} has no transformer blocks to analyse", f"hd analyze works on a {vit.SUPPORTED}")
     vit.check_vit(model, who)
