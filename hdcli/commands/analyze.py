@@ -165,19 +165,15 @@ def _decoders(loaded: dict) -> dict[str, dict]:
     model name -> {entry name: decoder} (empty: none). One decoder keeps the model's name; several are named
     ``<model>+<target>``."""
     from hdcli.method.heads import decoders_of, load_decoder
-    from hdcli.teachers.load import student_dir
     from hdcli.ui import info
 
     out = {}
-    for name in loaded:
-        try:
-            d = student_dir(name)
-        except HDError:
-            d = None
-        found = decoders_of(d) if d is not None else {}
+    for name, model in loaded.items():
+        source = _source(name)  # a run's student directory, where its decoders lie
+        found = decoders_of(Path(source.removeprefix("local-dir:"))) if source.startswith("local-dir:") else {}
         out[name] = {(name if len(found) == 1 else f"{name}+{key}"): load_decoder(path) for key, path in found.items()}
         if found:
-            info(f"{name}: the encoder's {len(loaded[name].blocks)} blocks, then its decoder's (d0, d1, ...)")
+            info(f"{name}: the encoder's {len(model.blocks)} blocks, then its decoder's (d0, d1, ...)")
     return out
 
 

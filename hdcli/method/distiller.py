@@ -117,19 +117,15 @@ class Distiller(nn.Module):
                                             input_mean=input_mean, input_std=input_std, dtype=teacher_dtype)
         else:  # held, not registered: its owner keeps it in the module tree
             object.__setattr__(self, "teacher_pass", teacher_pass)
-        if self.masking.drops(self.num_patches) and not vit.gathers_tokens(student):
-            raise HDError(f"the student ({type(student).__name__}) adds a relative position bias of its whole grid in "
-                          "every block, so it cannot see only the kept tokens",
-                          "use a shared bias (student.kwargs shared_rel_pos = true, FD's) or masking = 'none'")
+        if self.masking.drops(self.num_patches):
+            vit.check_gathers_tokens(student, "the student")
         self.heads = nn.ModuleDict({p.key: head for t in self.targets for p, head in self._check(t).items()})
         self.reconstruct = reconstruct
         if reconstruct is not None:
             self._check_reconstruct(reconstruct)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, vit.width(student)))
             nn.init.trunc_normal_(self.mask_token, std=0.02)  # SimMIM's init
-        roles = vit.prefix_roles(student)  # the summary row of a target: the student's CLS, when compared
-        self._summary = {t.name: int("cls" in roles and roles.index("cls") in self.teacher_pass.tokens[t.name].student)
-                         for t in self.targets}
+        self._summary = {t.name: self.teacher_pass.summary_rows(t) for t in self.targets}  # the CLS/summary row
 
     def _check(self, t: Target) -> dict[Pair, nn.Module]:
         """Blocks in range for both models, attention that exposes q·kᵀ, head counts; the heads of ``t``."""
@@ -164,13 +160,7 @@ class Distiller(nn.Module):
         return {}
 
     def _check_reconstruct(self, r: Reconstruction) -> None:
-        bad = [t.name for t in self.targets if t.kind != "features" or t.student_blocks]
-        if bad:
-            raise HDError(f"mask feature reconstruction learns the teacher's final features; target {bad[0]} is not one",
-                          "list only kind = \"features\" targets (no student_blocks) with mask_reconstruction")
-        if self.masking.drops(self.num_patches):
-            raise HDError("mask feature reconstruction shows the student every patch position (masked ones as the "
-                          "mask token), so it takes no keep set", "set distill.masking = \"none\"")
+        check_reconstruction(self.targets, self.masking.drops(self.num_patches))
         r.block_for(self.grid)
 
     # ---------------------------------------------------------------- forward = teacher pass + student pass
@@ -319,6 +309,18 @@ class Distiller(nn.Module):
         b = self.shared_block
         module = self.student.blocks[b] if b >= 0 else self.student.patch_embed
         return [p for p in module.parameters() if p.requires_grad]
+
+
+def check_reconstruction(targets: Sequence[Target], keep_set: bool) -> None:
+    """Mask feature reconstruction takes final-feature targets only (no ladder) and no keep set (``keep_set``:
+    whether the masking drops patches): HDError naming what is in the way."""
+    bad = [t.name for t in targets if t.kind != "features" or t.student_blocks]
+    if bad:
+        raise HDError(f"mask feature reconstruction learns the teacher's final features; target {bad[0]} is not one",
+                      "list only kind = \"features\" targets (no student_blocks) with distill.mask_reconstruction")
+    if keep_set:
+        raise HDError("mask feature reconstruction shows the student every patch position (masked ones as the mask "
+                      "token), so it takes no keep set", "set distill.masking = \"none\"")
 
 
 def masked_rows(predictions: dict[Pair, torch.Tensor], targets: TeacherTargets, mask: torch.Tensor,

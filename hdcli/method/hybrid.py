@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hdcli.errors import HDError, did_you_mean
-from hdcli.method.distiller import Distiller
+from hdcli.method.distiller import Distiller, check_reconstruction
 from hdcli.method.heads import decoder_spec
 from hdcli.method.losses import BETA
 from hdcli.method.masking import Masking, Reconstruction
@@ -107,13 +107,7 @@ def targets_from_config(dc) -> tuple[list[Target], str | None]:
     decoder_spec(dc.decoder)  # a decoder and the mask settings are checked even where unused
     Reconstruction(dc.mask_ratio, dc.mask_block)
     if dc.mask_reconstruction:
-        bad = [t.name for t in targets if t.kind != "features" or t.student_blocks]
-        if bad:
-            raise HDError(f"distill.mask_reconstruction learns the teacher's final features; target {bad[0]} is not one",
-                          "list only kind = \"features\" targets in [[distill.targets]] (paper Sec. 2.4)")
-        if dc.masking != "none":
-            raise HDError("distill.mask_reconstruction shows the student every patch position (masked ones as a mask "
-                          f"token), so it takes no keep set; masking is {dc.masking!r}", "set distill.masking = \"none\"")
+        check_reconstruction(targets, keep_set=dc.masking != "none")
     mask_teacher = dc.mask_teacher or dc.teachers[0]
     mask_label = label[mask_teacher] if masking_of(dc).needs_teacher else None
     used = {t.teacher for t in targets} | {mask_label}

@@ -113,8 +113,7 @@ class Adapted(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         from hdcli.models import vit
 
-        h, rope = vit.embed(self, x)
-        return vit.run_blocks(self, h, rope, final=True)[2]
+        return vit.final_features(self, x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The summary: the model's own pooling of its normed final tokens, or its CLS token."""

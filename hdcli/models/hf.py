@@ -104,15 +104,19 @@ def _core(model: nn.Module) -> nn.Module:
     return getattr(model, "vision_model", model)
 
 
-def _attention(layer: nn.Module, config, rope: bool) -> Attention:
-    att = getattr(layer, "attention", None) or layer.self_attn
-    heads = int(getattr(att, "num_heads", None) or config.num_attention_heads)
-
+def _caller(rope: bool):
+    """How a Transformers layer or attention is called on x (with its RoPE as (cos, sin)): its output tensor."""
     def call(module, x, pos):
         out = module(x, attention_mask=None, **({"position_embeddings": _cos_sin(pos)} if rope else {}))
         return out[0] if isinstance(out, tuple) else out
 
-    return Attention(att, att.q_proj, att.k_proj, heads, int(att.head_dim), call, rotate_half=rope)
+    return call
+
+
+def _attention(layer: nn.Module, config, rope: bool) -> Attention:
+    att = getattr(layer, "attention", None) or layer.self_attn
+    heads = int(getattr(att, "num_heads", None) or config.num_attention_heads)
+    return Attention(att, att.q_proj, att.k_proj, heads, int(att.head_dim), _caller(rope), rotate_half=rope)
 
 
 def _cos_sin(rope: torch.Tensor | None):
@@ -124,11 +128,7 @@ def _cos_sin(rope: torch.Tensor | None):
 
 
 def _blocks(layers, config, norm1: str, rope: bool) -> list[Block]:
-    def call(layer, x, pos):
-        out = layer(x, attention_mask=None, **({"position_embeddings": _cos_sin(pos)} if rope else {}))
-        return out[0] if isinstance(out, tuple) else out
-
-    return [Block(layer, getattr(layer, norm1), _attention(layer, config, rope), call) for layer in layers]
+    return [Block(layer, getattr(layer, norm1), _attention(layer, config, rope), _caller(rope)) for layer in layers]
 
 
 def adapt(model: nn.Module, mean, std) -> Adapted:

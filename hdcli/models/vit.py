@@ -83,6 +83,14 @@ def gathers_tokens(model: nn.Module) -> bool:
         getattr(b.attn, "rel_pos", None) is not None for b in model.blocks)
 
 
+def check_gathers_tokens(model: nn.Module, who: str) -> None:
+    """HDError unless ``model`` can run on kept tokens only (:func:`gathers_tokens`)."""
+    if not gathers_tokens(model):
+        raise HDError(f"{who} ({type(model).__name__}) adds a relative position bias of its whole grid in every block, "
+                      "so it cannot see only the kept tokens",
+                      "use a shared bias (student.kwargs shared_rel_pos = true, FD's) or masking = 'none'")
+
+
 def exposes_qk(block: nn.Module) -> bool:
     """Whether ``relations``/``msa`` can read this block's attention (its q·kᵀ exactly as it computes them)."""
     attn = getattr(block, "attn", None)
@@ -265,10 +273,7 @@ def embed_kept(model: nn.Module, x: torch.Tensor, keep: torch.Tensor | None,
             x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         bias = model.shared_rel_pos.get_bias() if model.shared_rel_pos is not None else None
         if keep is not None:
-            if not gathers_tokens(model):
-                raise HDError(f"{type(model).__name__} adds a relative position bias of its whole grid in every block, "
-                              "so it cannot run on kept tokens only",
-                              "use a shared bias (student.kwargs shared_rel_pos = true, FD's) or masking = 'none'")
+            check_gathers_tokens(model, "the model")
             x = gather_tokens(x, keep, p)
             bias = None if bias is None else gather_bias(bias, keep, p)
         return x, bias
@@ -397,6 +402,13 @@ def run_blocks(
     if stop in enter:
         entering[stop] = x
     return entering, leaving, (final_norm(model)(x) if final else None)
+
+
+def final_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The final token features as distillation reads them: every token through every block and the final norm
+    (:func:`final_norm`). x: [B, 3, H, W] -> [B, P+N, D]."""
+    h, rope = embed(model, x)
+    return run_blocks(model, h, rope, final=True)[2]
 
 
 def final_norm(model: nn.Module) -> nn.Module:

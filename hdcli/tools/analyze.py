@@ -108,12 +108,6 @@ def layers(model: nn.Module, decoder: nn.Module | None = None) -> list[nn.Module
     return [*model.blocks, *(decoder.blocks if decoder is not None else ())]
 
 
-def encode(model: nn.Module, x: Tensor) -> Tensor:
-    """The final token features as distillation reads them (``vit.run_blocks``, its final norm): a decoder's input."""
-    h, rope = vit.embed(model, x)
-    return vit.run_blocks(model, h, rope, final=True)[2]
-
-
 @contextmanager
 def attention_tap(model: nn.Module, fn: Callable[[int, Tensor], None], blocks: Sequence[int] | None = None,
                   decoder: nn.Module | None = None):
@@ -210,7 +204,7 @@ def collect(model: nn.Module, images: Sequence, reduce: Callable[[int, Tensor], 
             if decoder is None:
                 model.forward_features(x)
             else:
-                decoder(encode(model, x))
+                decoder(vit.final_features(model, x))
             missing = [b for b in blocks if b not in fired]
             if missing:
                 raise HDError(f"block {missing[0]} of {type(model).__name__} was never run",
