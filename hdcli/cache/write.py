@@ -26,6 +26,7 @@ import torch
 from hdcli import data, ui
 from hdcli.cache import layout
 from hdcli.errors import HDError
+from hdcli.models import vit
 from hdcli.rundir import atomic_write
 from hdcli.seeding import mix_seed, seeded
 from hdcli.train.checkpoints import fault_injected, fmt_bytes
@@ -101,7 +102,7 @@ def view_bytes(method, dtype: str, n_keep: int) -> int:
     for (_name, block), (t, _pair) in tp.sources().items():
         rows = len(tp.tokens[t.name].student) + n_keep
         if t.kind == "relations":
-            heads = 1 if tp.relation_heads == "mean" else tp.model(t.teacher).blocks[block].attn.num_heads
+            heads = 1 if tp.relation_heads == "mean" else vit.num_heads(tp.model(t.teacher), block)
             total += heads * rows * rows * size
         else:
             total += rows * tp.width(t, block) * size
@@ -223,14 +224,16 @@ def _records(chunk: list[int], records, crop, tp, cfg, views: int, dtype: str, d
     with amp:
         targets = tp.from_hidden(tp.hidden(x, tp.wanted()), x, normalise=False)
     cast = layout.DTYPES[dtype]
+    keep = targets.keep.to(torch.int32).cpu()  # one copy to the host per batch; rows cloned from it below
+    values = {layout.source_name(src): v.to(cast).cpu() for src, v in targets.values.items()}
     out = []
     for j, i in enumerate(chunk):
         tensors, meta = {}, []
         for k in range(views):
             row = j * views + k
-            tensors[f"v{k}.keep"] = targets.keep[row].to(torch.int32).cpu().contiguous()
-            for src, v in targets.values.items():
-                tensors[f"v{k}.{layout.source_name(src)}"] = v[row].to(cast).cpu().contiguous()
+            tensors[f"v{k}.keep"] = keep[row].clone()  # own storage: safetensors refuses shared tensors
+            for name, v in values.items():
+                tensors[f"v{k}.{name}"] = v[row].clone()
             c = crops[row]
             meta.append([c.top, c.left, c.height, c.width, int(c.flip)])
         out.append(save(tensors, metadata={"image": str(i), "key": records.key(i), "views": json.dumps(meta)}))

@@ -220,8 +220,7 @@ class RunningNorm(nn.Module):
             if self._seen + 1 == PHIS_STEPS:
                 self.transform.copy_(phis_transform(pooled_m2 / tokens, self.rotation))
         self.count += 1
-        if self._seen is not None:
-            self._seen += 1
+        self._seen += 1  # forward read it on the host before the first update
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """f [B, T, C] (a teacher's target) -> fp32 [B, T, C]."""

@@ -409,8 +409,9 @@ def init_from(model: nn.Module, name: str, *, cache_dir: str | None = None) -> N
     registry name or hub tag) into ``model`` (a student of the same architecture, e.g. continued or domain
     distillation). HDError naming the first tensor that differs in name or shape; nothing is copied then."""
     source = encoder_state_dict(load_student(name, cache_dir=cache_dir).state_dict())
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(_HEAD_PREFIXES) and k not in _HEAD_KEYS}
-    for k in sorted(own.keys() | source.keys(), key=lambda k: (k not in own, list(own).index(k) if k in own else 0)):
+    own = encoder_state_dict(model.state_dict())
+    order = {k: i for i, k in enumerate(own)}  # the student's own order first, then what only the source has
+    for k in sorted(own.keys() | source.keys(), key=lambda k: (k not in own, order.get(k, 0))):
         if k not in source:
             raise HDError(f"student.init {name!r} is another architecture: it has no {k} (the student's "
                           f"{tuple(own[k].shape)})", "init from a model of the student's architecture and size")
